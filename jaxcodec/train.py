@@ -1,0 +1,460 @@
+"""Training entry point: `python -m jaxcodec.train --config configs/hfd.py:tiny --workdir DIR`.
+
+Sections, in order: data → model shapes → mesh and shardings → jitted init (or restore) →
+jitted train step → loop (metrics, evaluation, checkpoints, non-finite guard).
+"""
+
+import functools
+import json
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from jaxcodec import sharding as shd
+from jaxcodec.checkpoint import Checkpointer, abstract_like
+from jaxcodec.methods import Method, get_method
+from jaxcodec.methods.base import to_float
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    nonfinite_streak: jax.Array  # consecutive skipped steps
+    nonfinite_total: jax.Array  # all skipped steps of the run
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+# ---------------------------------------------------------------------------------------------
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    warmup = int(cfg.get("warmup_steps", 0))
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(
+            cfg.lr, max(total_steps - warmup, 1), cfg.get("end_factor", 0.0)
+        )
+    elif cfg.schedule == "step":
+        # Piecewise constant: multiply by `decay_factor` at each fraction in `decay_at`.
+        bounds = {int(f * total_steps) - warmup: cfg.decay_factor for f in cfg.decay_at}
+        main = optax.piecewise_constant_schedule(cfg.lr, bounds)
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: use constant, cosine or step")
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+    return main
+
+
+def param_labels(params: Any, cfg: ml_collections.ConfigDict, trainable: Any) -> Any:
+    """'frozen' for parameters matched by `cfg.frozen` regexes or frozen by the method's stage,
+    'aux' for entropy-bottleneck quantiles (own learning rate), 'main' otherwise."""
+    frozen = [re.compile(p) for p in cfg.get("frozen", ())]
+    aux = re.compile(cfg.get("aux_params", r"quantiles$"))
+
+    def label(path, _, train):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not train or any(p.search(name) for p in frozen):
+            return "frozen"
+        return "aux" if aux.search(name) else "main"
+
+    return jax.tree_util.tree_map_with_path(label, params, trainable)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, trainable: Any
+) -> optax.GradientTransformation:
+    def adam(lr):
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    main = [adam(make_schedule(cfg, total_steps))]
+    if cfg.get("clip_norm"):
+        main.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
+    transforms = {
+        "main": optax.chain(*main),
+        "aux": adam(cfg.get("aux_lr", cfg.lr)),
+        "frozen": optax.set_to_zero(),
+    }
+    # Labels are computed on unboxed parameters; for logically partitioned (boxed) parameters
+    # the label tree is then a prefix of the parameter tree, which optax accepts.
+    return optax.multi_transform(transforms, lambda p: param_labels(nn.unbox(p), cfg, trainable))
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    method: Method,
+    tx: optax.GradientTransformation,
+    base_key: jax.Array,
+    ema_decay: float,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step; a step whose loss or gradients are not finite changes nothing but
+    the counters (the batch is still consumed, so the data order never depends on it)."""
+    key = jax.random.fold_in(base_key, state.step)
+    (loss, metrics), grads = jax.value_and_grad(method.loss, has_aux=True)(state.params, batch, key)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), step_finite=finite)
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pads an HxWxC image so both sides are multiples of `multiple`."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+def evaluate(
+    method: Method, params: Any, images: list[tuple[str, np.ndarray]], stride: int
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Mean metrics over full images (padded inside, measured on the original region)."""
+    fn = jax.jit(method.evaluate, static_argnums=2)
+    per_image, recons = [], []
+    for _, image in images:
+        h, w = image.shape[:2]
+        x = to_float(jnp.asarray(pad_to_multiple(image, stride)[None]))
+        metrics, recon = fn(params, x, (h, w))
+        per_image.append(jax.device_get(metrics))
+        recons.append(np.asarray(recon[0]))
+    mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+    return mean, recons
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """Turns SIGTERM (preemption) into a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def _devices(config: ml_collections.ConfigDict) -> list:
+    n = int(config.mesh.get("num_devices", 0))
+    devices = jax.devices()
+    if n:
+        if n > len(devices):
+            raise ValueError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
+        devices = devices[:n]
+    return devices
+
+
+def _make_writer(workdir: Path):
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0, asynchronous=False
+    )
+
+
+def _eval_images(config: ml_collections.ConfigDict) -> list[tuple[str, np.ndarray]]:
+    from jaxcodec.data import load_eval_images
+
+    return load_eval_images(config.eval_data, max_images=config.eval_data.get("max_images"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`.
+
+    Returns a summary: the logged training metrics per step, the last evaluation and the
+    number of skipped (non-finite) steps.
+    """
+    from clu import periodic_actions
+
+    from jaxcodec.data import make_train_iterator
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(config, workdir)
+    writer = _make_writer(workdir)
+    total_steps = int(config.total_steps)
+
+    # --- Data ------------------------------------------------------------------------------
+    data_iter = make_train_iterator(
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    # --- Model shapes ------------------------------------------------------------------------
+    method = get_method(config)
+    dummy = method.dummy_batch(config.batch_size)
+    init_key, base_key = jax.random.split(jax.random.key(config.seed))
+    abstract_vars = jax.eval_shape(method.init, init_key, dummy)
+    abstract_params = abstract_vars["params"]
+    trainable = method.trainable_mask(nn.unbox(abstract_params))
+    tx = make_optimizer(config.optimizer, total_steps, trainable)
+
+    def init_state(key: jax.Array) -> TrainState:
+        params = method.init(key, dummy)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=tx.init(params),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
+        )
+
+    abstract_state = jax.eval_shape(init_state, init_key)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    logging.info(
+        "method %s stage %d: %s parameters", config.method, method.stage, f"{num_params:,}"
+    )
+
+    # --- Mesh and shardings ------------------------------------------------------------------
+    mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
+    rules = [tuple(r) for r in config.mesh.logical_axis_rules]
+    state_shardings = shd.tree_shardings(abstract_state, mesh, rules)
+    abstract_state = nn.unbox(abstract_state)
+    logging.info("mesh %s", dict(mesh.shape))
+
+    # --- Jitted init, or restore -------------------------------------------------------------
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        target = abstract_like(abstract_state, state_shardings)
+        state, data_state = ckpt.restore(start_step, target)
+        if data_state is not None:
+            data_iter.set_state(data_state)
+        else:
+            logging.warning("checkpoint %d has no data-iterator state: data restarts", start_step)
+        logging.info("resumed from step %d in %s", start_step, workdir)
+    else:
+        start_step = 0
+        state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
+
+    # --- Jitted train step -------------------------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(
+            train_step, method=method, tx=tx, base_key=base_key, ema_decay=config.ema_decay
+        ),
+        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # --- Loop --------------------------------------------------------------------------------
+    history: list[dict[str, float]] = []
+    last_eval: dict[str, float] = {}
+    hooks = []
+    if jax.process_index() == 0:
+        hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer))
+    pending: list[dict[str, jax.Array]] = []
+    eval_images = None
+    stride = int(config.model.get("stride", 64))
+    max_streak = int(config.max_consecutive_nonfinite)
+    writer.write_hparams(
+        {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
+    )
+
+    with _Preemption() as preemption:
+        step = start_step
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = shd.global_batch(next(data_iter), mesh)
+                state, metrics = step_fn(state, batch)
+            for hook in hooks:
+                hook(step)
+            pending.append(metrics)
+
+            streak = int(state.nonfinite_streak)
+            if streak:
+                logging.warning(
+                    "step %d skipped: non-finite loss or gradients (%d in a row)", step, streak
+                )
+            if streak >= max_streak:
+                ckpt.close()
+                raise NonFiniteError(
+                    f"{streak} consecutive steps had a non-finite loss or gradients (limit "
+                    f"config.max_consecutive_nonfinite={max_streak}); last good checkpoint: "
+                    f"step {ckpt.latest_step()} in {workdir}"
+                )
+
+            if step % config.log_every == 0 or step == total_steps:
+                logged = _mean_metrics(jax.device_get(pending))
+                logged["nonfinite_total"] = float(state.nonfinite_total)
+                pending = []
+                writer.write_scalars(step, logged)
+                history.append({"step": step, **logged})
+                if on_step is not None:
+                    on_step(step, logged)
+
+            if step % config.eval_every == 0 or step == total_steps:
+                if eval_images is None:
+                    eval_images = _eval_images(config)
+                last_eval, recons = evaluate(method, state.ema_params, eval_images, stride)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                n = int(config.get("num_eval_images_logged", 2))
+                writer.write_images(
+                    step, {f"eval/recon_{i}": r[None] for i, r in enumerate(recons[:n])}
+                )
+                logging.info("eval at step %d: %s", step, last_eval)
+
+            if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
+                ckpt.save(step, state, data_iter.get_state())
+            if preemption.requested:
+                logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
+                break
+
+    ckpt.close()
+    writer.flush()
+    summary = {
+        "final_step": step,
+        "resumed_from": start_step,
+        "history": history,
+        "eval": last_eval,
+        "nonfinite_total": int(state.nonfinite_total),
+    }
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _mean_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for k in metrics[0]:
+        vals = np.asarray([m[k] for m in metrics], np.float64)
+        out[k] = float(np.mean(vals))
+    return out
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        ev = summary["eval"]
+        print(
+            f"trained to step {summary['final_step']} (resumed from {summary['resumed_from']}); "
+            f"eval: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
+            + f"; skipped non-finite steps: {summary['nonfinite_total']}"
+        )
+
+
+def run() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/hfd.py:tiny.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the resolved config.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection."
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
