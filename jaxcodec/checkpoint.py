@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 
 STATE = "state"
 DATA = "data_iterator"
+ENTROPY_TABLES = "entropy_tables"
 
 
 class Checkpointer:
@@ -38,14 +39,15 @@ class Checkpointer:
         step: int,
         state: Any,
         data_state: dict | None = None,
-        extra: dict[str, dict] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        """Saves the state, the data iterator's position and optional JSON items (e.g. tables)."""
+        """Saves the state, the data iterator's position and optional extra pytrees of host
+        arrays (e.g. the integer entropy-coding tables built after training)."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_state is not None:
             items[DATA] = ocp.args.JsonSave(data_state)
         for name, value in (extra or {}).items():
-            items[name] = ocp.args.JsonSave(value)
+            items[name] = ocp.args.StandardSave(value)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(

@@ -22,7 +22,7 @@ from absl import logging
 from flax import struct
 
 from jaxcodec import sharding as shd
-from jaxcodec.checkpoint import Checkpointer, abstract_like
+from jaxcodec.checkpoint import ENTROPY_TABLES, Checkpointer, abstract_like
 from jaxcodec.methods import Method, get_method
 from jaxcodec.methods.base import to_float
 
@@ -378,7 +378,13 @@ def train_and_evaluate(
                 logging.info("eval at step %d: %s", step, last_eval)
 
             if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
-                ckpt.save(step, state, data_iter.get_state())
+                extra = None
+                if step == total_steps:
+                    # Integer coding tables are built once, from the final EMA parameters, and
+                    # stored with the last checkpoint; decoders never rebuild them.
+                    tables = method.entropy_tables(state.ema_params)
+                    extra = None if tables is None else {ENTROPY_TABLES: tables}
+                ckpt.save(step, state, data_iter.get_state(), extra=extra)
             if preemption.requested:
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
                 break

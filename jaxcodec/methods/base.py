@@ -44,6 +44,11 @@ class Method(abc.ABC):
     ) -> tuple[Metrics, jax.Array]:
         """Per-image metrics and uint8 reconstructions of the valid region of padded images."""
 
+    def entropy_tables(self, params) -> dict[str, Any] | None:
+        """Integer coding tables (numpy) built from trained parameters, stored with the final
+        checkpoint; None for a stage that codes nothing."""
+        return None
+
     def trainable_mask(self, params) -> Any:
         """Pytree of bools: which parameters this stage trains (the rest are frozen)."""
         return jax.tree.map(lambda _: True, params)
