@@ -1,0 +1,450 @@
+"""One Flax UNet: diffusers' ``UNet2DConditionModel`` (SD 2.x) and, configured, HFD's denoiser.
+
+Layout is NHWC. Submodule names mirror diffusers (``down_blocks_0/resnets_1/conv1`` ↔
+``down_blocks.0.resnets.1.conv1``) so that :mod:`jaxcodec.weights.diffusers` converts
+checkpoints by rule. Configured without cross-attention (``cross_attention_dim=None``: the
+transformers keep self-attention only) and with extra input channels (conditioning by
+concatenation), the same module is a pixel-space denoiser.
+
+Blocks are built in ``setup`` so that a control adapter (:mod:`jaxcodec.nn.control`) can step
+through the frozen UNet sub-block by sub-block, as ControlNet-XS requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcodec.nn import layers
+from jaxcodec.nn.attention import ATTENTION_IMPLS, Transformer2D
+from jaxcodec.nn.resnet import (
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    timestep_embedding,
+)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _per_block(value, n: int) -> tuple:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"expected {n} per-block values, got {value!r}")
+        return tuple(value)
+    return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """diffusers ``UNet2DConditionModel`` config fields that the SD 2.x family uses.
+
+    ``attention_head_dim`` keeps diffusers' historical meaning: the number of heads when
+    ``num_attention_heads`` is None (SD 2.x: 5, 10, 20, 20 heads of 64 channels).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple[int, ...] = (5, 10, 20, 20)
+    num_attention_heads: int | tuple[int, ...] | None = None
+    cross_attention_dim: int | None = 1024
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = True
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    upcast_attention: bool = False
+    sample_size: int = 64
+    # jaxcodec-only (not in diffusers' config.json):
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for field in ("down_block_types", "up_block_types"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(f"{field} needs {n} entries")
+        bad = [t for t in self.down_block_types if t not in DOWN_BLOCK_TYPES]
+        bad += [t for t in self.up_block_types if t not in UP_BLOCK_TYPES]
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            bad.append(self.mid_block_type)
+        if bad:
+            raise ValueError(f"unsupported block types {bad}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}")
+
+    # Derived per-block quantities, as diffusers computes them.
+    @property
+    def heads(self) -> tuple[int, ...]:
+        heads = self.num_attention_heads or self.attention_head_dim
+        return _per_block(heads, len(self.block_out_channels))
+
+    @property
+    def transformer_layers(self) -> tuple[int, ...]:
+        return _per_block(self.transformer_layers_per_block, len(self.block_out_channels))
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any], **overrides) -> UNetConfig:
+        """Build from a diffusers ``config.json`` dict; refuse features this UNet lacks."""
+        unsupported = {
+            "class_embed_type": None,
+            "addition_embed_type": None,
+            "num_class_embeds": None,
+            "encoder_hid_dim": None,
+            "time_embedding_type": "positional",
+            "act_fn": "silu",
+            "center_input_sample": False,
+            "dual_cross_attention": False,
+            "only_cross_attention": False,
+            "resnet_time_scale_shift": "default",
+            "conv_in_kernel": 3,
+            "conv_out_kernel": 3,
+            "time_cond_proj_dim": None,
+            "reverse_transformer_layers_per_block": None,
+            "attention_type": "default",
+        }
+        for key, ok in unsupported.items():
+            value = config.get(key, ok)
+            if isinstance(value, list | tuple):
+                value = value if key != "only_cross_attention" else any(value)
+            if value != ok:
+                raise ValueError(f"UNet config {key}={value!r} is not supported (need {ok!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in config.items():
+            if key in fields:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        skip = {"dtype", "param_dtype", "attention_impl", "remat", "mid_block_type"}
+        out = {
+            f.name: (list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(self)
+            if f.name not in skip
+            and (v := getattr(self, f.name)) is not None
+            or f.name in ("num_attention_heads", "cross_attention_dim")
+        }
+        out["mid_block_type"] = self.mid_block_type
+        out["_class_name"] = "UNet2DConditionModel"
+        out["act_fn"] = "silu"
+        return out
+
+
+def _maybe_remat(cls, remat: bool):
+    return nn.remat(cls) if remat else cls
+
+
+class UNetDownBlock(nn.Module):
+    """``CrossAttnDownBlock2D`` (with attention) or ``DownBlock2D`` (without)."""
+
+    out_channels: int
+    num_layers: int
+    has_attention: bool
+    heads: int
+    transformer_layers: int
+    add_downsample: bool
+    cross_attention: bool
+    config: UNetConfig
+    groups: int | None = None
+    groups_out: int | None = None
+    resnet_eps: float | None = None
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        Res = _maybe_remat(ResnetBlock2D, c.remat)
+        Tr = _maybe_remat(Transformer2D, c.remat)
+        groups = self.groups or c.norm_num_groups
+        self.resnets = [
+            Res(
+                self.out_channels,
+                groups=groups if i == 0 else (self.groups_out or groups),
+                groups_out=self.groups_out,
+                eps=self.resnet_eps or c.norm_eps,
+                **kw,
+            )
+            for i in range(self.num_layers)
+        ]
+        if self.has_attention:
+            self.attentions = [
+                Tr(
+                    self.heads,
+                    self.out_channels // self.heads,
+                    self.transformer_layers,
+                    self.groups_out or c.norm_num_groups,
+                    self.cross_attention,
+                    c.use_linear_projection,
+                    c.attention_impl,
+                    **kw,
+                )
+                for _ in range(self.num_layers)
+            ]
+        if self.add_downsample:
+            self.downsamplers = [Downsample2D(self.out_channels, c.downsample_padding, **kw)]
+
+    def __call__(self, x, temb, context):
+        outputs = []
+        for i in range(self.num_layers):
+            x = self.resnets[i](x, temb)
+            if self.has_attention:
+                x = self.attentions[i](x, context)
+            outputs.append(x)
+        if self.add_downsample:
+            x = self.downsamplers[0](x)
+            outputs.append(x)
+        return x, outputs
+
+
+class UNetMidBlock(nn.Module):
+    """``UNetMidBlock2DCrossAttn``: resnet, (transformer, resnet) × transformer count."""
+
+    out_channels: int
+    heads: int
+    transformer_layers: int
+    cross_attention: bool
+    config: UNetConfig
+    groups: int | None = None
+    groups_out: int | None = None
+    resnet_eps: float | None = None
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        Res = _maybe_remat(ResnetBlock2D, c.remat)
+        Tr = _maybe_remat(Transformer2D, c.remat)
+        groups = self.groups or c.norm_num_groups
+        eps = self.resnet_eps or c.norm_eps
+        self.resnets = [
+            Res(self.out_channels, groups=groups, groups_out=self.groups_out, eps=eps, **kw),
+            Res(self.out_channels, groups=self.groups_out or groups, eps=eps, **kw),
+        ]
+        self.attentions = [
+            Tr(
+                self.heads,
+                self.out_channels // self.heads,
+                self.transformer_layers,
+                self.groups_out or groups,
+                self.cross_attention,
+                c.use_linear_projection,
+                c.attention_impl,
+                **kw,
+            )
+        ]
+
+    def __call__(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        x = self.resnets[1](x, temb)
+        return x
+
+
+class UNetUpBlock(nn.Module):
+    """``CrossAttnUpBlock2D`` / ``UpBlock2D``: each resnet eats one skip (concatenated)."""
+
+    out_channels: int
+    num_layers: int
+    has_attention: bool
+    heads: int
+    transformer_layers: int
+    add_upsample: bool
+    cross_attention: bool
+    config: UNetConfig
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        Res = _maybe_remat(ResnetBlock2D, c.remat)
+        Tr = _maybe_remat(Transformer2D, c.remat)
+        self.resnets = [
+            Res(self.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
+            for _ in range(self.num_layers)
+        ]
+        if self.has_attention:
+            self.attentions = [
+                Tr(
+                    self.heads,
+                    self.out_channels // self.heads,
+                    self.transformer_layers,
+                    c.norm_num_groups,
+                    self.cross_attention,
+                    c.use_linear_projection,
+                    c.attention_impl,
+                    **kw,
+                )
+                for _ in range(self.num_layers)
+            ]
+        if self.add_upsample:
+            self.upsamplers = [Upsample2D(self.out_channels, **kw)]
+
+    def subblock(self, i, x, skip, temb, context):
+        x = self.resnets[i](jnp.concatenate([x, skip], axis=-1), temb)
+        if self.has_attention:
+            x = self.attentions[i](x, context)
+        return x
+
+    def __call__(self, x, skips, temb, context, upsample_size=None):
+        for i in range(self.num_layers):
+            x = self.subblock(i, x, skips[-1 - i], temb, context)
+        if self.add_upsample:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNet(nn.Module):
+    """diffusers ``UNet2DConditionModel`` in Flax (NHWC).
+
+    ``down_block_additional_residuals`` (one per skip, conv_in's output first) and
+    ``mid_block_additional_residual`` are added as a ControlNet adds them.
+    """
+
+    config: UNetConfig
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        n = len(c.block_out_channels)
+        cross = c.cross_attention_dim is not None
+        heads, tlayers = c.heads, c.transformer_layers
+        self.conv_in = layers.conv(c.block_out_channels[0], 3, name="conv_in", **kw)
+        self.time_embedding = TimestepEmbedding(c.time_embed_dim, **kw)
+        self.down_blocks = [
+            UNetDownBlock(
+                c.block_out_channels[i],
+                c.layers_per_block,
+                c.down_block_types[i] == "CrossAttnDownBlock2D",
+                heads[i],
+                tlayers[i],
+                i < n - 1,
+                cross,
+                c,
+            )
+            for i in range(n)
+        ]
+        if c.mid_block_type is not None:
+            self.mid_block = UNetMidBlock(
+                c.block_out_channels[-1], heads[-1], tlayers[-1], cross, c
+            )
+        rev = list(reversed(c.block_out_channels))
+        self.up_blocks = [
+            UNetUpBlock(
+                rev[i],
+                c.layers_per_block + 1,
+                c.up_block_types[i] == "CrossAttnUpBlock2D",
+                heads[n - 1 - i],
+                tlayers[n - 1 - i],
+                i < n - 1,
+                cross,
+                c,
+            )
+            for i in range(n)
+        ]
+        self.conv_norm_out = layers.group_norm(c.norm_num_groups, c.norm_eps, **kw)
+        self.conv_out = layers.conv(c.out_channels, 3, **kw)
+
+    def embed_time(self, timesteps, batch: int):
+        c = self.config
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        return self.time_embedding(emb.astype(c.compute_dtype))
+
+    def up_and_out(self, x, skips, temb, context):
+        """Decoder half: consumes ``skips`` (as produced by the encoder half)."""
+        skips = list(skips)
+        for block in self.up_blocks:
+            block_skips = skips[-block.num_layers :]
+            skips = skips[: -block.num_layers]
+            size = skips[-1].shape[1:3] if skips else None
+            x = block(x, block_skips, temb, context, size)
+        return self.output(x)
+
+    def output(self, x):
+        x = nn.silu(self.conv_norm_out(x))
+        return self.conv_out(x)
+
+    def __call__(
+        self,
+        sample: jnp.ndarray,
+        timesteps: jnp.ndarray,
+        encoder_hidden_states: jnp.ndarray | None = None,
+        down_block_additional_residuals: Sequence[jnp.ndarray] | None = None,
+        mid_block_additional_residual: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        c = self.config
+        context = encoder_hidden_states
+        if c.cross_attention_dim is not None and context is None:
+            raise ValueError("this UNet has cross-attention: pass encoder_hidden_states")
+        temb = self.embed_time(timesteps, sample.shape[0])
+        x = self.conv_in(sample.astype(c.compute_dtype))
+        skips = [x]
+        for block in self.down_blocks:
+            x, outs = block(x, temb, context)
+            skips.extend(outs)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"expected {len(skips)} down-block residuals, "
+                    f"got {len(down_block_additional_residuals)}"
+                )
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if c.mid_block_type is not None:
+            x = self.mid_block(x, temb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
+        return self.up_and_out(x, skips, temb, context)
+
+
+def unet_param_shapes(config: UNetConfig) -> dict:
+    """Parameter shapes (``jax.ShapeDtypeStruct``, logical boxes kept) via ``jax.eval_shape``."""
+    side = 2 ** (len(config.block_out_channels) - 1)
+    x = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    ctx = None
+    if config.cross_attention_dim is not None:
+        ctx = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
+    module = UNet(config)
+    init = lambda a, b, c: module.init(jax.random.key(0), a, b, c)
+    return jax.eval_shape(init, x, t, ctx)["params"]

@@ -1,0 +1,1 @@
+"""Converters from external checkpoint formats (diffusers safetensors) to jaxcodec params."""
