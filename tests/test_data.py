@@ -332,9 +332,25 @@ def test_skimage_photos_all_load_offline_and_are_colour():
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="shared photos folder not available")
 def test_shared_photos_folder_trains_and_loads():
-    cfg = default_data_config(source="folder", path=str(PHOTOS), crop_size=256)
+    cfg = default_data_config(source="folder", path=str(PHOTOS), crop_size=256, cache_max_mb=0)
     batch = next(make_train_iterator(cfg, global_batch_size=4, seed=0))["image"]
     assert batch.shape == (4, 256, 256, 3) and batch.dtype == np.uint8
     assert batch.std() > 10
     names = [n for n, _ in load_eval_images(cfg, max_images=3)]
     assert names == sorted(names) and len(names) == 3
+
+
+@pytest.mark.parametrize("numpy_shuffle", [True, False])
+def test_each_epoch_visits_every_image_once_in_a_new_order(tmp_path, monkeypatch, numpy_shuffle):
+    from jaxcodec.data import pipeline
+
+    if not numpy_shuffle:  # the grain index_shuffle path used for very large sources
+        monkeypatch.setattr(pipeline, "_NUMPY_SHUFFLE_MAX", 0)
+    n = 7
+    for i in range(n):
+        _save(tmp_path / f"{i:02d}.png", np.full((20, 24, 3), 10 * i, np.uint8))
+    cfg = default_data_config(source="folder", path=str(tmp_path), crop_size=16)
+    it = make_train_iterator(cfg, global_batch_size=n, seed=2)
+    orders = [tuple(int(x[0, 0, 0]) // 10 for x in batch) for batch in _take(it, 4)]
+    assert all(sorted(o) == list(range(n)) for o in orders)  # batch b == epoch b
+    assert len(set(orders)) > 1

@@ -5,8 +5,7 @@ Determinism and multi-host sharding
 The training stream is defined once, globally, as a grain ``MapDataset`` indexed by the
 global example number ``n = 0, 1, 2, ...``:
 
-    source -> shuffle(seed_s)  (a fresh permutation every epoch)
-           -> repeat()         (infinite)
+    source -> shuffle(seed_s) + repeat()   (infinite; a fresh permutation every epoch)
            -> random_map(crop + flip, seed_c)   (per-example RNG derived from (seed_c, n))
            -> batch(local_batch)                 (local batch j = examples j*L .. j*L+L-1)
            -> [process_index :: process_count]   (process p takes local batches p, p+P, ...)
@@ -25,7 +24,9 @@ training loop; this module only produces host numpy batches.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import warnings
 from typing import Any
 
@@ -117,6 +118,43 @@ def _derive_seeds(seed: int) -> tuple[int, int]:
     """Independent 32-bit seeds for the shuffle and for the crop/flip RNG."""
     s = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint32)
     return int(s[0]), int(s[1])
+
+
+#: Up to this many images the per-epoch permutation is drawn with numpy (see _EpochShuffle);
+#: above it grain's constant-memory index_shuffle is used.
+_NUMPY_SHUFFLE_MAX = 1 << 20
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class _EpochShuffle(grain.MapDataset):
+    """Infinite stream over `parent` in a fresh seeded permutation each epoch.
+
+    Same contract as grain's `.shuffle(seed).repeat()` (element n is a pure function of
+    (seed, n)), but grain's index_shuffle costs milliseconds per element on small datasets
+    (measured: 5.7 ms at 9 images, 1.7 ms at 39, 0.05 ms at 10^6), which would dominate the
+    tiny configs; a cached numpy permutation per epoch costs microseconds.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = int(seed)
+        self._n = len(parent)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return f"_EpochShuffle(seed={self._seed})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), self._n)
+        return self._parent[int(_epoch_permutation(self._seed, epoch, self._n)[i])]
 
 
 class _TrainTransform:
@@ -218,13 +256,12 @@ def make_train_iterator(
 
     shuffle_seed, crop_seed = _derive_seeds(seed)
     transform = _TrainTransform(crop, policy, bool(_get(cfg, "random_flip")))
-    ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=shuffle_seed)
-        .repeat()
-        .random_map(transform, seed=crop_seed)
-        .batch(local_batch, drop_remainder=True)
-    )
+    ds = grain.MapDataset.source(source)
+    if len(source) <= _NUMPY_SHUFFLE_MAX:
+        ds = _EpochShuffle(ds, shuffle_seed)
+    else:
+        ds = ds.shuffle(seed=shuffle_seed).repeat()
+    ds = ds.random_map(transform, seed=crop_seed).batch(local_batch, drop_remainder=True)
     ds = ds[process_index::process_count]
     read_options = grain.ReadOptions(
         num_threads=max(0, int(_get(cfg, "read_threads"))),
