@@ -146,7 +146,7 @@ def test_worker_processes_give_the_in_process_stream(tmp_path):
     cfg = default_data_config(source="folder", path=str(tmp_path), crop_size=16)
     ref_it = make_train_iterator(cfg, global_batch_size=4, seed=1)
     ref = _take(ref_it, 6)
-    cfg.num_workers = 2
+    cfg.num_workers = 1  # each worker process imports jax; keep the spawns few
     it = make_train_iterator(cfg, global_batch_size=4, seed=1)
     try:
         got = _take(it, 3)
@@ -332,7 +332,9 @@ def test_skimage_photos_all_load_offline_and_are_colour():
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="shared photos folder not available")
 def test_shared_photos_folder_trains_and_loads():
-    cfg = default_data_config(source="folder", path=str(PHOTOS), crop_size=256, cache_max_mb=0)
+    cfg = default_data_config(
+        source="folder", path=str(PHOTOS), crop_size=256, cache_max_mb=0, read_threads=0
+    )
     batch = next(make_train_iterator(cfg, global_batch_size=4, seed=0))["image"]
     assert batch.shape == (4, 256, 256, 3) and batch.dtype == np.uint8
     assert batch.std() > 10
@@ -354,3 +356,16 @@ def test_each_epoch_visits_every_image_once_in_a_new_order(tmp_path, monkeypatch
     orders = [tuple(int(x[0, 0, 0]) // 10 for x in batch) for batch in _take(it, 4)]
     assert all(sorted(o) == list(range(n)) for o in orders)  # batch b == epoch b
     assert len(set(orders)) > 1
+
+
+def test_exif_orientation_applied_and_header_size_agrees(tmp_path):
+    from jaxcodec.data import image_size
+
+    im = np.zeros((10, 30, 3), np.uint8)
+    im[:, :5] = 255  # bright stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    Image.fromarray(im).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = read_rgb(tmp_path / "rot.jpg")
+    assert out.shape == (30, 10, 3) == (*image_size(tmp_path / "rot.jpg"), 3)
+    assert out[:5].mean() > 200 and out[-5:].mean() < 50  # the left stripe is now on top

@@ -12,7 +12,7 @@ import os
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 #: Suffixes a folder source picks up (compared lower-case). PNG and JPEG are the common case;
 #: the rest are formats Pillow decodes without extra packages.
@@ -38,6 +38,38 @@ def _open(src: ImageInput) -> Image.Image:
         raise ValueError(f"cannot read image {_describe(src)}: {e}") from e
 
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation known from the header, without decoding pixels.
+
+    For PNG, Pillow's getexif() decodes the whole image to look for an eXIf chunk after the
+    pixel data; only an eXIf chunk before the pixels (already in im.info) is honoured, so the
+    header-only size and the decoded image always agree.
+    """
+    try:
+        if im.format == "PNG":
+            raw = im.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_EXIF_ORIENTATION, 1))
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
 def image_size(src: ImageInput) -> tuple[int, int]:
     """(height, width) from the header only, without decoding pixels.
 
@@ -46,10 +78,7 @@ def image_size(src: ImageInput) -> tuple[int, int]:
     """
     with _open(src) as im:
         w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112, 1)
-        except Exception:
-            orientation = 1
+        orientation = _orientation(im)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -92,8 +121,10 @@ def read_rgb(src: ImageInput) -> np.ndarray:
     """
     with _open(src) as im:
         try:
+            orientation = _orientation(im)
             im.load()
-            im = ImageOps.exif_transpose(im) or im
+            if orientation in _TRANSPOSE_FOR_ORIENTATION:
+                im = im.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
             out = _to_rgb(im)
         except ValueError:
             raise
