@@ -369,3 +369,19 @@ def test_exif_orientation_applied_and_header_size_agrees(tmp_path):
     out = read_rgb(tmp_path / "rot.jpg")
     assert out.shape == (30, 10, 3) == (*image_size(tmp_path / "rot.jpg"), 3)
     assert out[:5].mean() > 200 and out[-5:].mean() < 50  # the left stripe is now on top
+
+
+def test_single_process_state_resumes_on_two_processes(tiny_cfg):
+    """A checkpoint from a 1-process run restores on 2 processes at the same global batch."""
+    single = make_train_iterator(tiny_cfg, global_batch_size=4, seed=8)
+    _take(single, 3)
+    state = json.loads(json.dumps(single.get_state()))
+    expected = next(single)["image"]
+    local = []
+    for p in range(2):
+        it = make_train_iterator(
+            tiny_cfg, global_batch_size=4, seed=8, process_index=p, process_count=2
+        )
+        it.set_state(state)
+        local.append(next(it)["image"])
+    np.testing.assert_array_equal(np.concatenate(local), expected)

@@ -14,12 +14,17 @@ With P processes and local batch L = G / P, global batch b is the concatenation,
 order, of local batch ``b*P + p`` of every process p, i.e. examples ``b*G .. b*G+G-1``: exactly
 the single-process global batch b. Every example is a pure function of (seed, n), so a run on
 1 process and on N processes sees the same global batches, fresh processes reproduce the same
-stream, and each process only decodes its own slice. The iterator state is grain's
-``{"next_index": ...}`` (JSON-serialisable), so a restored iterator continues with the next
-batch.
+stream, and each process only decodes its own slice.
 
-`make_global_array`-style assembly (``jax.make_array_from_process_local_data``) happens in the
-training loop; this module only produces host numpy batches.
+Resumption: get_state() is ``{"grain_state": <JSON string of grain's state>}``. With
+num_workers=0 grain's state is ``{"next_index": k}``, k = batches consumed, the same number
+on every process; a checkpoint can therefore be restored with a different process count (same
+global batch size and seed) and continues at global batch k. With worker processes the state
+also records the worker interleaving, so restore it with the same num_workers.
+
+Small images ('skip' policy) are removed from the source before indexing, so skipping never
+shifts the alignment of batches between processes. Assembling global jax.Arrays from the
+local batches (``jax.make_array_from_process_local_data``) is the training loop's job.
 """
 
 from __future__ import annotations
