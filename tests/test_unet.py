@@ -1,5 +1,7 @@
 """UNet parity with diffusers' UNet2DConditionModel (tiny random config), through the loader."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,55 +70,43 @@ def test_config_from_diffusers(tiny_unet):
         UNetConfig.from_diffusers({**dict(ref.config), "class_embed_type": "timestep"})
 
 
-def test_unet_matches_diffusers(tiny_unet):
-    ref, _, config, params = tiny_unet
-    x, t, ctx = _inputs()
-    with torch.no_grad():
-        want = ref(x, t, encoder_hidden_states=ctx).sample
-    got = jax.jit(UNet(config).apply)(
-        {"params": params}, _to_nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
-    )
-    err = np.abs(np.asarray(got) - want.numpy().transpose(0, 2, 3, 1)).max()
-    assert err <= 1e-4, err
-
-
-def test_unet_control_residuals_match_diffusers(tiny_unet):
-    ref, _, config, params = tiny_unet
-    x, t, ctx = _inputs(2)
-    g = torch.Generator().manual_seed(5)
+def _residuals(seed):
+    g = torch.Generator().manual_seed(seed)
     # conv_in output, down block 0 (1 layer + downsampler), down block 1 (1 layer).
     shapes = [(2, 32, 16, 16), (2, 32, 16, 16), (2, 32, 8, 8), (2, 64, 8, 8)]
-    down = [torch.randn(s, generator=g) for s in shapes]
-    mid = torch.randn(2, 64, 8, 8, generator=g)
+    return [torch.randn(s, generator=g) for s in shapes], torch.randn(2, 64, 8, 8, generator=g)
+
+
+def test_unet_matches_diffusers_with_and_without_control_residuals(tiny_unet):
+    ref, _, config, params = tiny_unet
+    x, t, ctx = _inputs()
+    down, mid = _residuals(5)
     with torch.no_grad():
-        want = ref(
-            x,
-            t,
-            encoder_hidden_states=ctx,
-            down_block_additional_residuals=tuple(down),
-            mid_block_additional_residual=mid,
-        ).sample
-        plain = ref(x, t, encoder_hidden_states=ctx).sample
-    got = UNet(config).apply(
-        {"params": params},
-        _to_nhwc(x),
-        jnp.asarray(t.numpy()),
-        jnp.asarray(ctx.numpy()),
-        down_block_additional_residuals=[_to_nhwc(d) for d in down],
-        mid_block_additional_residual=_to_nhwc(mid),
-    )
-    want = want.numpy().transpose(0, 2, 3, 1)
-    assert np.abs(want - plain.numpy().transpose(0, 2, 3, 1)).max() > 1e-2  # residuals matter
-    err = np.abs(np.asarray(got) - want).max()
-    assert err <= 1e-4, err
-    with pytest.raises(ValueError, match="down-block residuals"):
-        UNet(config).apply(
-            {"params": params},
-            _to_nhwc(x),
-            jnp.asarray(t.numpy()),
-            jnp.asarray(ctx.numpy()),
-            down_block_additional_residuals=[_to_nhwc(d) for d in down[:2]],
+        plain = ref(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
+        controlled = (
+            ref(
+                x,
+                t,
+                encoder_hidden_states=ctx,
+                down_block_additional_residuals=tuple(down),
+                mid_block_additional_residual=mid,
+            )
+            .sample.numpy()
+            .transpose(0, 2, 3, 1)
         )
+    assert np.abs(controlled - plain).max() > 1e-2  # the residuals matter
+
+    apply = jax.jit(UNet(config).apply)  # one compile serves both cases
+    args = ({"params": params}, _to_nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
+    zeros = [jnp.zeros_like(_to_nhwc(d)) for d in down]
+    got_plain = apply(*args, zeros, jnp.zeros_like(_to_nhwc(mid)))
+    got_controlled = apply(*args, [_to_nhwc(d) for d in down], _to_nhwc(mid))
+    err_plain = np.abs(np.asarray(got_plain) - plain).max()
+    err_controlled = np.abs(np.asarray(got_controlled) - controlled).max()
+    assert err_plain <= 1e-4, err_plain
+    assert err_controlled <= 1e-4, err_controlled
+    with pytest.raises(ValueError, match="down-block residuals"):
+        jax.eval_shape(UNet(config).apply, *args, zeros[:2], None)
 
 
 def test_pixel_space_variant_without_cross_attention():
@@ -135,25 +125,34 @@ def test_pixel_space_variant_without_cross_attention():
     )
     model = UNet(config)
     x = jnp.ones((1, 12, 12, 6))  # not a multiple of 4: upsampling follows the skip sizes
-    params = model.init(jax.random.key(0), x, jnp.array([0.5]))["params"]
+    t = jnp.array([0.5])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    params = _random_params(shapes, 0)
     block = params["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]
     assert "attn2" not in block and "norm2" not in block
-    out = model.apply({"params": params}, x, jnp.array([0.5]))
+    out = jax.jit(model.apply)({"params": params}, x, t)
     assert out.shape == (1, 12, 12, 3)
     assert np.isfinite(np.asarray(out)).all()
 
 
-def test_bf16_compute_keeps_fp32_params(tiny_unet):
-    _, _, config, params = tiny_unet
-    import dataclasses
+def _random_params(shapes, seed):
+    """Random params of the given shapes without compiling an initialiser (fast on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), dw.nn.meta.unbox(shapes)
+    )
 
+
+def test_bf16_compute_keeps_fp32_params(tiny_unet):
+    ref, _, config, params = tiny_unet
     bf16 = dataclasses.replace(config, dtype="bfloat16", attention_impl="blockwise")
     x, t, ctx = _inputs(3)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=ctx).sample.numpy().transpose(0, 2, 3, 1)
     args = (_to_nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
-    ref = UNet(config).apply({"params": params}, *args)
-    out = UNet(bf16).apply({"params": params}, *args)
+    out = jax.jit(UNet(bf16).apply)({"params": params}, *args)
     assert out.dtype == jnp.bfloat16
-    fresh = UNet(bf16).init(jax.random.key(0), *args)["params"]
+    fresh = jax.eval_shape(UNet(bf16).init, jax.random.key(0), *args)["params"]
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(dw.nn.meta.unbox(fresh)))
-    rel = np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max() / np.abs(ref).max()
+    rel = np.abs(np.asarray(out, np.float32) - want).max() / np.abs(want).max()
     assert rel < 5e-2, rel
