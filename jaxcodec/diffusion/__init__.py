@@ -66,6 +66,7 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "diffusion_training_sample",
+    "discrete_schedule",
     "from_x0_eps",
     "guided_denoiser",
     "loss_weight",

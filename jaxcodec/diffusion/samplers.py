@@ -154,14 +154,19 @@ def _chain(
 
 
 def _discrete_chain_coefs(
-    schedule: DiscreteSchedule, ts: jax.Array, final_alpha_bar: jax.Array | float
+    schedule: DiscreteSchedule, ts: jax.Array, final_index: int | None
 ) -> tuple[jax.Array, ...]:
     """(α_t, σ_t, α_s, σ_s) along descending indices ``ts``; the move after the last index goes to
-    ``final_alpha_bar`` (1 = clean)."""
-    ab = schedule.alphas_cumprod
-    ab_t = ab[ts]
-    ab_s = jnp.concatenate([ab[ts[1:]], jnp.asarray([final_alpha_bar], ab.dtype)])
-    return jnp.sqrt(ab_t), jnp.sqrt(1.0 - ab_t), jnp.sqrt(ab_s), jnp.sqrt(1.0 - ab_s)
+    index ``final_index``, or to the clean state (α = 1, σ = 0) when it is None."""
+    sa, s1ma = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
+    nxt = ts[1:]
+    if final_index is None:
+        a_end, s_end = jnp.ones((1,), sa.dtype), jnp.zeros((1,), sa.dtype)
+    else:
+        a_end, s_end = sa[final_index][None], s1ma[final_index][None]
+    alpha_s = jnp.concatenate([sa[nxt], a_end])
+    sigma_s = jnp.concatenate([s1ma[nxt], s_end])
+    return sa[ts], s1ma[ts], alpha_s, sigma_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +204,7 @@ def ddim_sample(
     if not 1 <= t_start <= schedule.num_timesteps:
         raise ValueError(f"t_start must be in [1, {schedule.num_timesteps}], got {t_start}")
     ts = jnp.asarray(spaced_timesteps(num_steps, t_start, spacing, steps_offset))
-    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]
-    coefs = _discrete_chain_coefs(schedule, ts, final)
+    coefs = _discrete_chain_coefs(schedule, ts, None if set_alpha_to_one else 0)
     return _chain(denoise, z_T, key, ts, *coefs, prediction=prediction, eta=eta, remat=remat)
 
 
@@ -285,7 +289,7 @@ def consistency_sample(
     goes to the next index; the last ``f`` is returned.
     """
     ts = jnp.asarray(timesteps, jnp.int32)
-    coefs = _discrete_chain_coefs(schedule, ts, 1.0)
+    coefs = _discrete_chain_coefs(schedule, ts, None)
     return _chain(
         denoise,
         z_start,

@@ -38,12 +38,16 @@ def _bcast(coef: jax.Array, x: jax.Array) -> jax.Array:
 class DiscreteSchedule:
     """A DDPM grid of ``T`` steps: ``betas[t]`` and ``alphas_cumprod[t] = ᾱ_t = Π_{s≤t}(1-β_s)``.
 
-    Index ``t`` is the timestep index (0 = least noise). Tables are computed in float64 on the host
-    and stored in ``dtype`` so that float32 tables match diffusers' to rounding.
+    Index ``t`` is the timestep index (0 = least noise). All tables, including sqrt(ᾱ_t) and
+    sqrt(1-ᾱ_t), are computed in float64 on the host and then stored in ``dtype``: sqrt(1-ᾱ_0)
+    taken in float32 would lose 5 digits to cancellation (ᾱ_0 = 0.99915). Build it with
+    :func:`discrete_schedule` or :func:`scaled_linear_schedule`.
     """
 
     betas: jax.Array
     alphas_cumprod: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
 
     @property
     def num_timesteps(self) -> int:
@@ -55,11 +59,11 @@ class DiscreteSchedule:
 
     def sqrt_ab(self, t: jax.Array) -> jax.Array:
         """sqrt(ᾱ_t): the signal scale α_t."""
-        return jnp.sqrt(self.alphas_cumprod[t])
+        return self.sqrt_alphas_cumprod[t]
 
     def sqrt_1mab(self, t: jax.Array) -> jax.Array:
         """sqrt(1 - ᾱ_t): the noise scale σ_t."""
-        return jnp.sqrt(1.0 - self.alphas_cumprod[t])
+        return self.sqrt_one_minus_alphas_cumprod[t]
 
     def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.sqrt_ab(t), self.sqrt_1mab(t)
@@ -73,6 +77,22 @@ class DiscreteSchedule:
         return _bcast(self.sqrt_ab(t), x0) * x0 + _bcast(self.sqrt_1mab(t), x0) * eps
 
 
+def discrete_schedule(betas: np.ndarray, dtype: jnp.dtype = jnp.float32) -> DiscreteSchedule:
+    """A :class:`DiscreteSchedule` from any beta table (tables derived in float64)."""
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
+        raise ValueError("betas must be a 1-D array in (0, 1)")
+    ab = np.cumprod(1.0 - betas)
+    return DiscreteSchedule(
+        betas=jnp.asarray(betas, dtype),
+        alphas_cumprod=jnp.asarray(ab, dtype),
+        sqrt_alphas_cumprod=jnp.asarray(np.sqrt(ab), dtype),
+        sqrt_one_minus_alphas_cumprod=jnp.asarray(
+            np.sqrt(-np.expm1(np.log1p(-betas).cumsum())), dtype
+        ),
+    )
+
+
 def scaled_linear_schedule(
     num_timesteps: int = 1000,
     beta_start: float = 0.00085,
@@ -81,10 +101,7 @@ def scaled_linear_schedule(
 ) -> DiscreteSchedule:
     """Stable Diffusion's "scaled_linear" betas: ``linspace(sqrt(β_0), sqrt(β_T), T)**2``."""
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    return DiscreteSchedule(
-        betas=jnp.asarray(betas, dtype=dtype), alphas_cumprod=jnp.asarray(alphas_cumprod, dtype)
-    )
+    return discrete_schedule(betas, dtype)
 
 
 def spaced_timesteps(
@@ -158,8 +175,14 @@ class ShiftedCosineSchedule:
             a = np.arctan(np.exp(-0.5 * self.logsnr_min)) - b
             return -2.0 * jnp.log(jnp.tan(a * t + b)) + shift
         if self.clip == "hard":
-            raw = -2.0 * jnp.log(jnp.tan(0.5 * jnp.pi * t)) + shift
-            return jnp.clip(raw, self.logsnr_min, self.logsnr_max)
+            # -2·log(tan(πt/2)) written as 2·log(sin(π(1-t)/2)) - 2·log(sin(πt/2)): float32
+            # π/2 exceeds the true π/2, so tan would turn negative (NaN) at t = 1. The clamp keeps
+            # the ends finite (and gradients NaN-free) well beyond the clip range.
+            tiny = jnp.asarray(1e-7, dtype)
+            t = jnp.clip(t, tiny, 1.0 - tiny)
+            half_pi = 0.5 * jnp.pi
+            raw = 2.0 * (jnp.log(jnp.sin(half_pi * (1.0 - t))) - jnp.log(jnp.sin(half_pi * t)))
+            return jnp.clip(raw + shift, self.logsnr_min, self.logsnr_max)
         raise ValueError(f"unknown clip mode {self.clip!r}")
 
     def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
