@@ -6,10 +6,11 @@ builds on the frozen stage-1 model.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcodec.methods import register
 from jaxcodec.methods.base import Batch, Method, Metrics, bits, psnr_from_mse, to_float, to_uint8
-from jaxcodec.nn.hyperprior import MeanScaleHyperprior
+from jaxcodec.nn.hyperprior import HyperpriorCoding, MeanScaleHyperprior
 
 
 @register("hfd")
@@ -19,6 +20,8 @@ class HFD(Method):
         if self.stage != 1:
             raise ValueError(f"HFD stage {self.stage} is not available yet; use stage 1")
         self.model = MeanScaleHyperprior(N=config.model.N, M=config.model.M)
+        self.coding = HyperpriorCoding(self.model)
+        self.stride = self.coding.stride
 
     def init(self, rng: jax.Array, batch: Batch):
         x = to_float(batch["image"])
@@ -67,3 +70,24 @@ class HFD(Method):
             jnp.square(recon.astype(jnp.float32) - ref.astype(jnp.float32)), axis=(1, 2, 3)
         )
         return {"bpp": rate / num_pixels, "psnr": psnr_from_mse(mse, 255.0)}, recon
+
+    # --- Real bitstreams (host side; see jaxcodec/codec.py for the container and padding) ---
+
+    num_streams = 2
+
+    def entropy_tables(self, params):
+        """Integer CDF tables and the fixed-point entropy-parameter networks, built once."""
+        return self.coding.entropy_tables(params)
+
+    def compress(self, params, tables, image):
+        """uint8 [H, W, 3] (H, W multiples of `stride`) → (streams, info)."""
+        return self.coding.compress(params, tables, image)
+
+    def decompress(self, params, tables, streams, hw):
+        """Streams of `compress` → (uint8 [H, W, 3], info)."""
+        return self.coding.decompress(params, tables, streams, hw)
+
+    def decompress_batch(self, params, tables, streams_list, hw):
+        """Several files of the same padded size: latents on the host, one batched g_s."""
+        y_hat = [self.coding.decode_latents(tables, streams, hw)[0] for streams in streams_list]
+        return self.coding.synthesise(params, np.stack(y_hat))

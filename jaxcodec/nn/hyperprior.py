@@ -5,8 +5,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxcodec.entropy import EntropyBottleneck, GaussianConditional
+from jaxcodec.entropy import EntropyBottleneck, GaussianConditional, coder, fixedpoint
+from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
     HyperAnalysis,
@@ -63,3 +65,177 @@ class MeanScaleHyperprior(nn.Module):
 
     def aux_loss(self) -> jax.Array:
         return self.entropy_bottleneck.aux_loss()
+
+    def analyse(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Encoder side: x → (y, z), unquantised."""
+        y = self.g_a(x)
+        return y, self.h_a(y)
+
+    def synthesise(self, y_hat: jax.Array) -> jax.Array:
+        return self.g_s(y_hat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coding (host side): integer tables built once from trained parameters, then range coding.
+# ---------------------------------------------------------------------------------------------
+
+# h_s layer by layer, as HyperSynthesis names its (auto-named) submodules.
+H_S_SPEC = [
+    ("deconv", "ConvTranspose_0", 2),
+    ("leaky_relu",),
+    ("deconv", "ConvTranspose_1", 2),
+    ("leaky_relu",),
+    ("conv", "Conv_0", 1),
+]
+
+
+def factorized_entropy_tables(bottleneck_params: dict) -> dict:
+    """Integer tables of an EntropyBottleneck (one per channel) plus its fixed-point medians."""
+
+    quantiles = np.asarray(bottleneck_params["quantiles"], np.float64)[:, 0, :]
+    channels = quantiles.shape[0]
+    module = EntropyBottleneck(channels)
+    medians_q = fixedpoint.to_fixed(quantiles[:, 1])
+    medians = fixedpoint.from_fixed(medians_q)
+
+    def logits(v):
+        return np.asarray(
+            module.apply(
+                {"params": bottleneck_params},
+                jnp.asarray(v[:, None, :], jnp.float32),
+                True,
+                method=EntropyBottleneck._logits_cumulative,
+            ),
+            np.float64,
+        )[:, 0, :]
+
+    def pmf_fn(ks):
+        centre = medians[:, None] + ks
+        lower, upper = logits(centre - 0.5), logits(centre + 0.5)
+        sig = lambda a: 1.0 / (1.0 + np.exp(-a))
+        sign = -np.sign(lower + upper)
+        pmf = np.abs(sig(sign * upper) - sig(sign * lower))
+        return pmf, np.zeros(channels)
+
+    out = tables_lib.factorized_tables(pmf_fn, medians, quantiles)
+    # Tail mass beyond each channel's range: below the first and above the last symbol.
+    lo = -out["offsets"].astype(np.float64)
+    hi = out["lengths"] - 1 - lo
+    first = logits((medians - lo - 0.5)[:, None])[:, 0]
+    last = logits((medians + hi + 0.5)[:, None])[:, 0]
+    tail = 1.0 / (1.0 + np.exp(-first)) + 1.0 / (1.0 + np.exp(last))
+    pmfs, _ = pmf_fn(np.arange(out["freqs"].shape[1] - 1)[None, :] - lo[:, None])
+    for c in range(channels):
+        n = int(out["lengths"][c])
+        out["freqs"][c, : n + 1] = tables_lib.pmf_to_freqs(pmfs[c, :n], tail[c])
+    out["medians_q"] = medians_q
+    return out
+
+
+def gaussian_entropy_tables() -> dict:
+    """Scale tables of y plus the integer thresholds that select them from fixed-point scales."""
+
+    out = tables_lib.gaussian_tables()
+    out["thresholds"] = tables_lib.scale_thresholds(out["scales"], fixedpoint.ACT_BITS)
+    return out
+
+
+def encode_factorized(encoder, z_tables: dict, z) -> np.ndarray:
+    """Codes z [h, w, C] around the fixed-point medians; returns z_hat on the fixed-point grid."""
+    med = fixedpoint.from_fixed(z_tables["medians_q"])
+    sym = np.round(np.asarray(z, np.float64) - med).astype(np.int64)
+    idx = np.broadcast_to(np.arange(sym.shape[-1]), sym.shape)
+    coder.cached_coder(z_tables).encode(encoder, sym, idx)
+    return sym * (1 << fixedpoint.ACT_BITS) + z_tables["medians_q"]
+
+
+def decode_factorized(decoder, z_tables: dict, shape) -> np.ndarray:
+
+    idx = np.broadcast_to(np.arange(shape[-1]), shape)
+    sym = coder.cached_coder(z_tables).decode(decoder, idx).reshape(shape)
+    return sym * (1 << fixedpoint.ACT_BITS) + z_tables["medians_q"]
+
+
+def gaussian_symbols(y, means_q) -> np.ndarray:
+    """Integer symbols round(y − μ) with μ the decoder-side fixed-point mean."""
+
+    return np.round(np.asarray(y, np.float64) - fixedpoint.from_fixed(means_q)).astype(np.int64)
+
+
+def dequantize(sym, means_q) -> np.ndarray:
+    """y_hat = symbol + μ on the fixed-point grid (int64)."""
+
+    return sym * (1 << fixedpoint.ACT_BITS) + means_q
+
+
+class HyperpriorCoding:
+    """Compress / decompress of a trained MeanScaleHyperprior with its integer tables.
+
+    Float transforms (g_a, h_a, g_s) run in JAX; everything that feeds the coder (z symbols,
+    h_s, scale indices, means) is integer or fixed point on the host. The encoder decodes its own
+    z (z_hat) and runs the same fixed-point h_s as the decoder.
+    """
+
+    stride = STRIDE
+
+    def __init__(self, model: "MeanScaleHyperprior"):
+        self.model = model
+        self._analyse = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="analyse"))
+        self._synthesise = jax.jit(
+            lambda p, y: self.model.apply({"params": p}, y, method="synthesise")
+        )
+
+    def entropy_tables(self, params) -> dict:
+
+        params = jax.tree.map(np.asarray, params)
+        return {
+            "z": factorized_entropy_tables(params["entropy_bottleneck"]),
+            "y": gaussian_entropy_tables(),
+            "h_s": fixedpoint.export_sequential(params["h_s"], H_S_SPEC),
+        }
+
+    def _entropy_parameters(self, tables, z_hat_q):
+
+        out = fixedpoint.run(tables["h_s"], z_hat_q)
+        m = out.shape[-1] // 2
+        scales_q, means_q = out[..., :m], out[..., m:]
+        return tables_lib.scale_index(scales_q, tables["y"]["thresholds"]), means_q
+
+    def compress(self, params, tables, image) -> tuple[list[bytes], dict]:
+        """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+
+        x = jnp.asarray(image, jnp.float32)[None] / 255.0
+        y, z = jax.device_get(self._analyse(params, x))
+        enc_z = coder.new_encoder()
+        z_hat_q = encode_factorized(enc_z, tables["z"], z[0])
+        idx, means_q = self._entropy_parameters(tables, z_hat_q)
+        y_sym = gaussian_symbols(y[0], means_q)
+        enc_y = coder.new_encoder()
+        coder.cached_coder(tables["y"]).encode(enc_y, y_sym, idx)
+        z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
+        info = {"y_symbols": y_sym, "y_idx": idx, "z_symbols": z_sym, "z_hat_q": z_hat_q}
+        return [coder.finish(enc_z), coder.finish(enc_y)], info
+
+    def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int]):
+        """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices)."""
+        h, w = hw
+        n = tables["z"]["lengths"].shape[0]
+        z_hat_q = decode_factorized(
+            coder.new_decoder(streams[0]), tables["z"], (h // STRIDE, w // STRIDE, n)
+        )
+        idx, means_q = self._entropy_parameters(tables, z_hat_q)
+        y_sym = coder.cached_coder(tables["y"]).decode(coder.new_decoder(streams[1]), idx)
+        y_sym = y_sym.reshape(idx.shape)
+        y_hat = fixedpoint.from_fixed(dequantize(y_sym, means_q)).astype(np.float32)
+        return y_hat, y_sym, idx
+
+    def synthesise(self, params, y_hat: np.ndarray) -> np.ndarray:
+        """y_hat [B, h, w, M] → uint8 images [B, H, W, 3] (batched on the device)."""
+        x_hat = self._synthesise(params, jnp.asarray(y_hat))
+        return np.asarray(jnp.clip(jnp.round(x_hat * 255.0), 0, 255).astype(jnp.uint8))
+
+    def decompress(self, params, tables, streams: list[bytes], hw: tuple[int, int]):
+        """→ (uint8 [H, W, 3], info with the decoded y symbols)."""
+        y_hat, y_sym, idx = self.decode_latents(tables, streams, hw)
+        image = self.synthesise(params, y_hat[None])[0]
+        return image, {"y_symbols": y_sym, "y_idx": idx}

@@ -1,0 +1,203 @@
+"""The `.jxc` container: one compressed image, self-describing and checked before decoding.
+
+Layout (all integers unsigned LEB128 varints unless stated):
+
+    magic        2 bytes  b"JX"
+    byte         bits 7-5 format version, bit 4 options present, bits 3-0 number of streams - 1
+    [options]    1 flag byte (bit i = option i present), then the present options in order
+    model id     2 bytes  first bytes of the model hash (fast, clear "wrong checkpoint" error)
+    height - 1, width - 1
+    length of every stream but the last (the last one fills the file up to the checksum)
+    streams
+    checksum     4 bytes  CRC-32 (big endian) of the full 32-byte model hash + all bytes above
+
+The checksum is seeded with the full model hash, so a file made with another checkpoint fails
+it too. With two streams and no options a Kodak-size file has 15 bytes of overhead. Every
+failure is a `BitstreamError` with a one-line message; sizes are bounded before anything is
+allocated.
+"""
+
+import dataclasses
+import struct
+import zlib
+
+import numpy as np
+
+MAGIC = b"JX"
+VERSION = 1
+MODEL_ID_BYTES = 2
+CHECKSUM_BYTES = 4
+MAX_SIDE = 1 << 16  # pixels per side
+MAX_PIXELS = 1 << 28
+MAX_STREAMS = 16
+MAX_FILE_BYTES = 1 << 31
+
+# Optional settings the decoder must repeat, in bit order. Codecs: "u" varint, "f16" float16.
+OPTIONS: tuple[tuple[str, str], ...] = (
+    ("steps", "u"),  # sampler steps
+    ("guidance", "f16"),  # λ_s
+    ("start_step", "u"),  # relay / start timestep
+    ("seed", "u"),
+    ("rate_index", "u"),  # a rate point / noise level of a variable-rate model
+)
+
+
+class BitstreamError(ValueError):
+    """The file is not a valid `.jxc` for this codec: truncated, corrupted, foreign, oversized
+    or made with another model. The message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    height: int
+    width: int
+    model_id: bytes  # MODEL_ID_BYTES
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("varints are unsigned")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes, end: int):
+        self.data, self.pos, self.end = data, 0, end
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.end:
+            raise BitstreamError("truncated file (header runs past the end)")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self, max_value: int) -> int:
+        value, shift = 0, 0
+        for _ in range(10):
+            (b,) = self.take(1)
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                if value > max_value:
+                    raise BitstreamError(f"header field {value} exceeds its bound {max_value}")
+                if b == 0 and shift > 7:
+                    raise BitstreamError("non-canonical varint in header")
+                return value
+        raise BitstreamError("overlong varint in header")
+
+
+def _checksum(model_hash: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", zlib.crc32(body, zlib.crc32(model_hash)) & 0xFFFFFFFF)
+
+
+def pack(header: Header, streams: list[bytes], model_hash: bytes) -> bytes:
+    """Serialises a header and its streams (the encoder side)."""
+    if not 1 <= len(streams) <= MAX_STREAMS:
+        raise ValueError(f"between 1 and {MAX_STREAMS} streams, got {len(streams)}")
+    if not (1 <= header.height <= MAX_SIDE and 1 <= header.width <= MAX_SIDE):
+        raise ValueError(f"image size {header.height}x{header.width} out of range")
+    if header.height * header.width > MAX_PIXELS:
+        raise ValueError("image too large for the container")
+    unknown = set(header.options) - {name for name, _ in OPTIONS}
+    if unknown:
+        raise ValueError(f"unknown container options {sorted(unknown)}")
+    out = bytearray(MAGIC)
+    has_options = bool(header.options)
+    out.append((VERSION << 5) | (int(has_options) << 4) | (len(streams) - 1))
+    if has_options:
+        flags = 0
+        payload = bytearray()
+        for bit, (name, kind) in enumerate(OPTIONS):
+            if name in header.options:
+                flags |= 1 << bit
+                payload += _encode_option(header.options[name], kind)
+        out.append(flags)
+        out += payload
+    out += model_hash[:MODEL_ID_BYTES]
+    out += _varint(header.height - 1) + _varint(header.width - 1)
+    for s in streams[:-1]:
+        out += _varint(len(s))
+    for s in streams:
+        out += s
+    out += _checksum(model_hash, bytes(out))
+    return bytes(out)
+
+
+def _encode_option(value, kind: str) -> bytes:
+    if kind == "u":
+        return _varint(int(value))
+    return np.array([value], ">f2").tobytes()
+
+
+def option_value(value, name: str):
+    """The value of an option as the decoder will read it (encoders should use this too)."""
+    kind = dict(OPTIONS)[name]
+    if kind == "u":
+        return int(value)
+    return float(np.float16(value))
+
+
+def unpack(
+    data: bytes, model_hash: bytes, *, num_streams: int | None = None
+) -> tuple[Header, list[bytes]]:
+    """Parses and validates a file; raises BitstreamError on anything unexpected."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BitstreamError("expected bytes")
+    data = bytes(data)
+    if len(data) > MAX_FILE_BYTES:
+        raise BitstreamError("file too large")
+    if len(data) < len(MAGIC) + 1 + MODEL_ID_BYTES + 2 + CHECKSUM_BYTES:
+        raise BitstreamError("truncated file (shorter than the smallest header)")
+    if data[:2] != MAGIC:
+        raise BitstreamError("not a .jxc file (bad magic bytes)")
+    end = len(data) - CHECKSUM_BYTES
+    r = _Reader(data, end)
+    r.take(2)
+    (first,) = r.take(1)
+    version = first >> 5
+    if version != VERSION:
+        raise BitstreamError(f"unsupported .jxc format version {version} (this reader: {VERSION})")
+    n_streams = (first & 0x0F) + 1
+    options = {}
+    if first & 0x10:
+        (flags,) = r.take(1)
+        if flags >> len(OPTIONS) or not flags:
+            raise BitstreamError("unknown option flags in header")
+        for bit, (name, kind) in enumerate(OPTIONS):
+            if flags & (1 << bit):
+                if kind == "u":
+                    options[name] = r.varint(1 << 32)
+                else:
+                    v = float(np.frombuffer(r.take(2), ">f2")[0])
+                    if not np.isfinite(v):
+                        raise BitstreamError(f"non-finite option {name}")
+                    options[name] = v
+    model_id = r.take(MODEL_ID_BYTES)
+    height = r.varint(MAX_SIDE - 1) + 1
+    width = r.varint(MAX_SIDE - 1) + 1
+    if height * width > MAX_PIXELS:
+        raise BitstreamError(f"declared image size {height}x{width} exceeds {MAX_PIXELS} pixels")
+    lengths = [r.varint(end) for _ in range(n_streams - 1)]
+    rest = end - r.pos - sum(lengths)
+    if rest < 0:
+        raise BitstreamError("truncated file (streams shorter than declared)")
+    if data[end:] != _checksum(model_hash, data[:end]):
+        if model_id != model_hash[:MODEL_ID_BYTES]:
+            raise BitstreamError(
+                f"file was made with another model (id {model_id.hex()}, "
+                f"checkpoint has {model_hash[:MODEL_ID_BYTES].hex()})"
+            )
+        raise BitstreamError("checksum mismatch: the file is corrupted or truncated")
+    if num_streams is not None and n_streams != num_streams:
+        raise BitstreamError(f"file has {n_streams} streams, this codec expects {num_streams}")
+    streams = []
+    for n in [*lengths, rest]:
+        streams.append(r.take(n))
+    return Header(height, width, model_id, options), streams
