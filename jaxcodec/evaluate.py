@@ -274,26 +274,36 @@ def plot_rd(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from jaxcodec.reference_points import SOURCE_NOTE
 
+    def tick(v, _):  # plain numbers at 1, 2 and 5 x 10^k on the log axis
+        mantissa = round(v / 10 ** np.floor(np.log10(v)), 6) if v > 0 else 0
+        return f"{v:g}" if mantissa in (1, 2, 5) else ""
+
+    ours, theirs = plt.cm.tab10.colors, plt.cm.tab20b.colors
     paths = []
     for m in metrics:
-        fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-        for d in docs:
+        fig, ax = plt.subplots(figsize=(7.2, 5.2), dpi=120)
+        for i, d in enumerate(docs):
             r = d["results"]
             if m in r and all(v is not None for v in r[m]):
-                ax.plot(r["bpp"], r[m], "o-", label=d["name"], markersize=4)
+                ax.plot(r["bpp"], r[m], "o-", label=d["name"], markersize=4, linewidth=2,
+                        color=ours[i % len(ours)])  # fmt: skip
         if reference:
-            for method, ref in reference.items():
+            for j, (method, ref) in enumerate(reference.items()):
                 rr = ref["results"]
                 if m in rr and "bpp" in rr:
                     pts = [(b, v) for b, v in zip(rr["bpp"], rr[m], strict=True)
                            if np.isfinite(b) and np.isfinite(v)]  # fmt: skip
                     if pts:
                         b, v = zip(*sorted(pts), strict=True)
-                        ax.plot(b, v, "x--", label=f"{method} (published)", markersize=4, alpha=0.7)
+                        ax.plot(b, v, "x--", label=f"{method} (published)", markersize=4,
+                                linewidth=1, color=theirs[(3 * j) % len(theirs)])  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(tick))
+        ax.xaxis.set_minor_formatter(FuncFormatter(tick))
         ax.set_xlabel("bpp")
         ax.set_ylabel(
             m.upper()
