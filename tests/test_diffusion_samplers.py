@@ -63,6 +63,14 @@ def test_continuous_v_sampler_point_mass(num_steps, eta):
     np.testing.assert_allclose(out, x_star, atol=2e-5)
 
 
+def test_bfloat16_state_keeps_its_dtype():
+    x_star = (0.8 * _rand(1)).astype(jnp.bfloat16)
+    den = _point_mass_denoiser(x_star.astype(jnp.float32), "v", SCHED.alpha_sigma)
+    out = dd.ddim_sample(den, SCHED, _rand(2).astype(jnp.bfloat16), num_steps=4, prediction="v")
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), x_star.astype(jnp.float32), atol=2e-2)
+
+
 # --------------------------------------------------------------------------------------------
 # Gaussian data: mean and variance over many draws
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def loss_weight(
 
 
 def _per_example_mse(a: jax.Array, b: jax.Array) -> jax.Array:
-    d = (a - b).astype(jnp.float32)
+    d = a - b
+    d = d.astype(jnp.promote_types(d.dtype, jnp.float32))  # bf16 -> f32, f64 stays
     return jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
 
 

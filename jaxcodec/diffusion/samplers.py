@@ -326,8 +326,9 @@ def continuous_sample(
     ``schedule.logsnr`` if the network is conditioned on log-SNR). The last move goes to the clean
     state (returns x̂0 at ``t = 1/S``) rather than to the clipped λ_max.
     """
-    dtype = z_T.dtype if jnp.issubdtype(z_T.dtype, jnp.floating) else jnp.float32
-    grid = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32)
+    # time in at least float32 (bf16 states must not quantise t), float64 under x64
+    dtype = jnp.promote_types(z_T.dtype, jnp.float32)
+    grid = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)
     t, s = grid[:-1], grid[1:]
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
@@ -337,7 +338,7 @@ def continuous_sample(
         denoise,
         z_T,
         key,
-        t.astype(dtype),
+        t,
         alpha_t,
         sigma_t,
         alpha_s,
