@@ -171,6 +171,8 @@ def test_relay_sampler_visits_rdeic_timesteps():
     dd.relay_sample(recorder, SCHED, _rand(14), relay_start=300, num_steps=5, eta=0.0)
     jax.effects_barrier()
     assert seen == [299, 224, 150, 75, 0]
+    with pytest.raises(ValueError):  # "leading" would start at 240, not where z_N lives
+        dd.relay_sample(recorder, SCHED, _rand(14), relay_start=300, num_steps=5, spacing="leading")
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,8 +245,12 @@ def relay_sample(
 
     ``num_steps`` (2 or 5 in the paper) spaced steps over ``[0, N)``; ``"linspace"`` spacing is
     RDEIC's respacing (N = 300: [299, 0] for 2 steps, [299, 224, 150, 75, 0] for 5) and
-    ``eta = 1`` its spaced-DDPM sampler; ``eta = 0`` gives deterministic DDIM.
+    ``eta = 1`` its spaced-DDPM sampler; ``eta = 0`` gives deterministic DDIM. The spacing must
+    start at index ``N - 1``, where ``z_N`` lives (``"linspace"`` and ``"trailing"`` do).
     """
+    first = spaced_timesteps(num_steps, relay_start, spacing)[0]
+    if first != relay_start - 1:
+        raise ValueError(f"{spacing!r} spacing starts at {first}, not at the relay start index")
     return ddim_sample(
         denoise,
         schedule,
