@@ -124,12 +124,17 @@ def factorized_tables(pmf_fn, medians: np.ndarray, quantiles: np.ndarray) -> dic
 
 
 def table_bits(tables: dict[str, np.ndarray], values: np.ndarray, idx: np.ndarray) -> float:
-    """Ideal code length (−log2 p under the integer tables) of integer values, excluding the
-    escape payloads' own bits — the reference for measuring coder overhead."""
+    """Ideal code length −log2 p of integer values under the integer tables, including the
+    escape payloads (a 6-bit length, then the bits in 16-bit chunks; see `coder.py`) — the
+    reference for measuring the coder's overhead."""
     values = np.asarray(values, np.int64).ravel()
     idx = np.asarray(idx, np.int64).ravel()
     s = values - tables["offsets"][idx]
     lengths = tables["lengths"][idx].astype(np.int64)
-    s = np.where((s < 0) | (s >= lengths), lengths, s)
-    f = tables["freqs"][idx, s].astype(np.float64)
-    return float(np.sum(PRECISION - np.log2(f)))
+    escaped = (s < 0) | (s >= lengths)
+    f = tables["freqs"][idx, np.where(escaped, lengths, s)].astype(np.float64)
+    bits = float(np.sum(PRECISION - np.log2(f)))
+    e, n = s[escaped], lengths[escaped]
+    u = np.where(e < 0, 2 * (-e - 1) + 1, 2 * (e - n))
+    payload = sum(6 + 16 * -(-((int(v) + 1).bit_length() - 1) // 16) for v in u)
+    return bits + float(payload)

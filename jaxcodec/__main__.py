@@ -1,0 +1,7 @@
+"""`python -m jaxcodec compress|decompress ...` (see jaxcodec/cli.py)."""
+
+import sys
+
+from jaxcodec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Command line: `jaxcodec compress IN.png OUT.jxc --checkpoint WORKDIR`,
+`jaxcodec decompress IN.jxc OUT.png --checkpoint WORKDIR`.
+
+Subcommands register themselves in `SUBCOMMANDS`; others (evaluate, convert-weights) plug in
+the same way. Outputs are written to a temporary file in the target folder and renamed only
+on success, so a failed run never leaves a partial or stale output behind.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def wrap(fn):
+        SUBCOMMANDS[name] = (add_arguments, fn)
+        return fn
+
+    return wrap
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Calls write(tmp_path) in the destination folder, then renames over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any PIL-readable image → uint8 RGB (grey, RGBA, 16-bit and palette are converted)."""
+    from jaxcodec.data import read_rgb
+
+    try:
+        return read_rgb(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"cannot read {path} as an image: {exc}") from None
+
+
+def compress_file(codec, src: str | Path, dst: str | Path) -> dict:
+    image = read_image(src)
+    data = codec.compress(image)
+    atomic_write(dst, lambda p: p.write_bytes(data))
+    h, w = image.shape[:2]
+    return {"bytes": len(data), "bpp": 8.0 * len(data) / (h * w), "height": h, "width": w}
+
+
+def decompress_file(codec, src: str | Path, dst: str | Path) -> np.ndarray:
+    """Decodes `src` to a PNG at `dst`; raises BitstreamError (and writes nothing) on bad input."""
+    from PIL import Image
+
+    from jaxcodec.entropy.container import BitstreamError
+
+    try:
+        data = Path(src).read_bytes()
+    except OSError as exc:
+        raise BitstreamError(f"cannot read {src}: {exc.strerror}") from None
+    image = codec.decompress(data)
+    atomic_write(dst, lambda p: Image.fromarray(image).save(p, format="PNG"))
+    return image
+
+
+def _codec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--checkpoint", required=True, help="training workdir (config + checkpoints)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+@subcommand("compress", _codec_args)
+def _compress(args) -> int:
+    from jaxcodec.codec import load_codec
+
+    codec = load_codec(args.checkpoint, step=args.step)
+    r = compress_file(codec, args.input, args.output)
+    print(
+        f"{args.output}: {r['bytes']} bytes, {r['bpp']:.4f} bpp "
+        f"({r['width']}x{r['height']}, model {codec.name} id {codec.model_id})"
+    )
+    return 0
+
+
+@subcommand("decompress", _codec_args)
+def _decompress(args) -> int:
+    from jaxcodec.codec import load_codec
+
+    codec = load_codec(args.checkpoint, step=args.step)
+    image = decompress_file(codec, args.input, args.output)
+    print(f"{args.output}: {image.shape[1]}x{image.shape[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxcodec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, fn) in SUBCOMMANDS.items():
+        p = sub.add_parser(name)
+        add_arguments(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxcodec.codec import CheckpointError
+    from jaxcodec.entropy.container import BitstreamError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (BitstreamError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        kind = "invalid bitstream" if isinstance(exc, BitstreamError) else "error"
+        print(f"jaxcodec {args.command}: {kind}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

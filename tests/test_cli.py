@@ -1,0 +1,118 @@
+"""`jaxcodec compress/decompress`: image conversions, bpp, errors, and a decoder fuzz test."""
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_codec import make_workdir, photo
+
+from jaxcodec import cli
+from jaxcodec.codec import load_codec
+from jaxcodec.entropy import container, fuzz
+from jaxcodec.entropy.container import BitstreamError
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def codec(workdir):
+    return load_codec(workdir)
+
+
+def test_compress_decompress_png(workdir, tmp_path, capsys):
+    src, jxc, out = tmp_path / "in.png", tmp_path / "a.jxc", tmp_path / "out.png"
+    image = photo(70, 90)
+    Image.fromarray(image).save(src)
+    assert cli.main(["compress", str(src), str(jxc), "--checkpoint", str(workdir)]) == 0
+    size = jxc.stat().st_size
+    printed = capsys.readouterr().out
+    assert f"{8 * size / (70 * 90):.4f} bpp" in printed
+    assert cli.main(["decompress", str(jxc), str(out), "--checkpoint", str(workdir)]) == 0
+    decoded = np.asarray(Image.open(out))
+    assert decoded.shape == (70, 90, 3) and decoded.dtype == np.uint8
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: Image.fromarray(a[..., 0]),  # grey
+        lambda a: Image.fromarray(np.dstack([a, np.full(a.shape[:2], 128, np.uint8)])),  # RGBA
+        lambda a: Image.fromarray(a[..., 0].astype(np.uint16) * 257),  # 16-bit grey
+        lambda a: Image.fromarray(a).convert("P"),  # palette
+    ],
+)
+def test_other_image_modes_are_converted(codec, tmp_path, make):
+    src, jxc = tmp_path / "in.png", tmp_path / "a.jxc"
+    make(photo(40, 50)).save(src)
+    r = cli.compress_file(codec, src, jxc)
+    assert (r["height"], r["width"]) == (40, 50)
+    assert codec.decompress(jxc.read_bytes()).shape == (40, 50, 3)
+
+
+def test_unreadable_input_and_bad_checkpoint_give_clear_errors(workdir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["compress", str(bad), str(tmp_path / "x.jxc"), "--checkpoint", str(workdir)])
+    assert not (tmp_path / "x.jxc").exists()
+    assert cli.main(
+        ["decompress", str(bad), str(tmp_path / "x.png"), "--checkpoint", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert "config.json" in err and len(err.strip().splitlines()) == 2
+
+
+def test_corrupted_file_fails_without_output(workdir, codec, tmp_path, capsys):
+    data = bytearray(codec.compress(photo(64, 64)))
+    data[len(data) // 2] ^= 4
+    src, out = tmp_path / "c.jxc", tmp_path / "c.png"
+    src.write_bytes(bytes(data))
+    assert cli.main(["decompress", str(src), str(out), "--checkpoint", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid bitstream" in err and "\n" not in err
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_fuzz_1000_files_are_all_refused_without_output(codec, tmp_path):
+    valid = [codec.compress(photo(64, 64)), codec.compress(photo(70, 130))]
+    out = tmp_path / "out.png"
+    src = tmp_path / "in.jxc"
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for kind, data in fuzz.mutants(valid, 1000, seed=0):
+        src.write_bytes(data)
+        t = time.perf_counter()
+        with pytest.raises(BitstreamError):
+            cli.decompress_file(codec, src, out)
+        assert time.perf_counter() - t < 5.0  # no hang
+        assert not out.exists()
+        counts[kind] = counts.get(kind, 0) + 1
+    assert sum(counts.values()) == 1000 and len(counts) == len(fuzz.KINDS)
+    assert time.perf_counter() - t0 < 60
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_well_formed_files_with_garbage_streams_decode_or_fail_cleanly(codec):
+    """A file with a valid header and checksum but random payload (crafted, not corrupted)
+    must never crash the decoder with anything but BitstreamError."""
+    rng = np.random.default_rng(3)
+    outcomes = {"image": 0, "error": 0}
+    for _ in range(20):
+        streams = [
+            rng.integers(0, 256, int(rng.integers(0, 64))).astype(np.uint8).tobytes()
+            for _ in range(2)
+        ]
+        header = container.Header(64, 64, codec.hash[:2])
+        data = container.pack(header, streams, codec.hash)
+        try:
+            image = codec.decompress(data)
+        except BitstreamError:
+            outcomes["error"] += 1
+        else:
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+            outcomes["image"] += 1
+    assert sum(outcomes.values()) == 20
