@@ -255,6 +255,19 @@ def test_residual_shift_one_step():
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_sampler_runs_on_a_batch_sharded_over_devices():
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    x_star = _rand(60, (8, 4, 4, 2))
+    z = _rand(61, (8, 4, 4, 2))
+    den = _point_mass_denoiser(x_star, "eps", SCHED.alpha_sigma)
+    z_sharded = jax.device_put(z, NamedSharding(mesh, PartitionSpec("data")))
+    out = dd.relay_sample(den, SCHED, z_sharded, _key(62), num_steps=2)
+    np.testing.assert_allclose(out, x_star, atol=1e-5)
+    assert len(out.sharding.device_set) == 8
+
+
 # --------------------------------------------------------------------------------------------
 # Compile caching
 # --------------------------------------------------------------------------------------------
