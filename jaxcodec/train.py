@@ -296,7 +296,8 @@ def train_and_evaluate(
     logging.info("mesh %s", dict(mesh.shape))
 
     # --- Jitted init, or restore -------------------------------------------------------------
-    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    async_save = bool(config.get("checkpoint_async", False))
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=async_save)
     start_step = ckpt.latest_step()
     if start_step is not None:
         target = abstract_like(abstract_state, state_shardings)
@@ -366,7 +367,7 @@ def train_and_evaluate(
                 if on_step is not None:
                     on_step(step, logged)
 
-            if step % config.eval_every == 0 or step == total_steps:
+            if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
                 if eval_images is None:
                     eval_images = _eval_images(config)
                 last_eval, recons = evaluate(method, state.ema_params, eval_images, stride)
@@ -384,7 +385,10 @@ def train_and_evaluate(
                     # stored with the last checkpoint; decoders never rebuild them.
                     tables = method.entropy_tables(state.ema_params)
                     extra = None if tables is None else {ENTROPY_TABLES: tables}
-                ckpt.save(step, state, data_iter.get_state(), extra=extra)
+                # An async save reads the arrays after this call returns, while the next step
+                # donates (overwrites) their buffers: give it a copy of its own.
+                saved = jax.tree.map(jnp.copy, state) if async_save else state
+                ckpt.save(step, saved, data_iter.get_state(), extra=extra)
             if preemption.requested:
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
                 break

@@ -1,0 +1,225 @@
+"""The training stack: sharding invariance, crash-safe resume, the non-finite guard, configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcodec.checkpoint import Checkpointer
+from jaxcodec.configlib import PROJECT_ROOT, load_config
+from jaxcodec.train import NonFiniteError, train_and_evaluate
+
+SMALL = [
+    "model.N=16",
+    "model.M=16",
+    "data.crop_size=64",
+    "batch_size=8",
+    "eval_data.max_images=1",
+    "log_every=1",
+    "eval_every=0",
+    "checkpoint_every=2",
+    "optimizer.lr=1e-3",
+]
+
+
+def small_config(*overrides: str):
+    return load_config("configs/hfd.py:tiny", [*SMALL, *overrides])
+
+
+def _params_at(workdir: Path, step: int):
+    """The raw saved parameters of a checkpoint, as host arrays."""
+    import orbax.checkpoint as ocp
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    ckpt.close()
+    return jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    """Same global batch on a 1-device and an 8-device mesh: the same losses, step by step."""
+    one = train_and_evaluate(small_config("total_steps=3", "mesh.num_devices=1"), tmp_path / "one")
+    eight = train_and_evaluate(small_config("total_steps=3", "mesh.num_devices=8"), tmp_path / "8")
+    loss_one = [h["loss"] for h in one["history"]]
+    loss_eight = [h["loss"] for h in eight["history"]]
+    assert len(loss_one) == 3
+    np.testing.assert_allclose(loss_eight, loss_one, rtol=2e-5)
+    assert loss_one[0] != loss_one[2]  # the model trains: the losses are not a constant
+
+    # Restoring the 8-device checkpoint on a 1-device mesh continues the same run.
+    resumed = train_and_evaluate(
+        small_config("total_steps=4", "mesh.num_devices=1"), tmp_path / "8"
+    )
+    assert resumed["resumed_from"] == 3
+    reference = train_and_evaluate(
+        small_config("total_steps=4", "mesh.num_devices=1"), tmp_path / "one"
+    )
+    np.testing.assert_allclose(
+        resumed["history"][-1]["loss"], reference["history"][-1]["loss"], rtol=2e-5
+    )
+
+
+_KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from tests.test_train import small_config
+    from jaxcodec.train import train_and_evaluate
+
+    def die(step, metrics):
+        if step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train_and_evaluate(small_config("total_steps={total}"), {workdir!r}, on_step=die)
+    """
+)
+
+
+def test_sigkill_mid_run_resumes_with_the_next_batch(tmp_path):
+    total, kill_at = 7, 5
+    reference = train_and_evaluate(small_config(f"total_steps={total}"), tmp_path / "ref")
+
+    workdir = tmp_path / "killed"
+    script = _KILLED_RUN.format(
+        root=str(PROJECT_ROOT), kill_at=kill_at, total=total, workdir=str(workdir)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    steps_on_disk = Checkpointer(workdir).all_steps()
+    assert steps_on_disk and max(steps_on_disk) < total
+
+    resumed = train_and_evaluate(small_config(f"total_steps={total}"), workdir)
+    start = resumed["resumed_from"]
+    assert 0 < start < kill_at + 1
+    # Every step after the restart sees the batch the uninterrupted run saw: same losses ...
+    ref_losses = {h["step"]: h["loss"] for h in reference["history"]}
+    for h in resumed["history"]:
+        assert h["step"] > start
+        assert h["loss"] == ref_losses[h["step"]], h["step"]
+    # ... and bit-identical final parameters.
+    a, b = _params_at(tmp_path / "ref", total), _params_at(workdir, total)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    # λ = inf makes every loss infinite: the run must stop after the configured streak.
+    config = small_config("total_steps=10", "loss.lmbda=inf", "max_consecutive_nonfinite=3")
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        train_and_evaluate(config, tmp_path / "inf")
+
+
+def test_nonfinite_step_leaves_state_untouched():
+    import functools
+
+    import jax.numpy as jnp
+
+    from jaxcodec.methods import get_method
+    from jaxcodec.train import TrainState, make_optimizer, train_step
+
+    config = small_config()
+    method = get_method(config)
+    batch = method.dummy_batch(2)
+    batch["image"] = jnp.asarray(
+        np.random.default_rng(0).integers(0, 255, batch["image"].shape), jnp.uint8
+    )
+    params = method.init(jax.random.key(0), batch)["params"]
+    tx = make_optimizer(config.optimizer, 10, jax.tree.map(lambda _: True, params))
+    state = TrainState(jnp.int32(0), params, params, tx.init(params), jnp.int32(0), jnp.int32(0))
+
+    def step(cfg, s):
+        m = get_method(cfg)
+        fn = functools.partial(
+            train_step, method=m, tx=tx, base_key=jax.random.key(1), ema_decay=0.9
+        )
+        return jax.jit(fn)(s, batch)
+
+    bad = small_config("loss.lmbda=nan")
+    skipped, metrics = step(bad, state)
+    assert not bool(metrics["step_finite"])
+    assert int(skipped.step) == 1 and int(skipped.nonfinite_streak) == 1
+    assert int(skipped.nonfinite_total) == 1
+    jax.tree.map(np.testing.assert_array_equal, skipped.params, state.params)
+    jax.tree.map(np.testing.assert_array_equal, skipped.opt_state, state.opt_state)
+
+    good, metrics = step(config, skipped)
+    assert bool(metrics["step_finite"])
+    assert int(good.nonfinite_streak) == 0 and int(good.nonfinite_total) == 1
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), good.params, state.params
+    )
+    assert any(jax.tree.leaves(changed))
+
+
+def test_config_overrides_reach_the_model():
+    from jaxcodec.methods import get_method
+
+    config = load_config(
+        "configs/hfd.py:tiny", ["model.N=24", "model.M=40", "--config.optimizer.lr=2e-5"]
+    )
+    assert config.optimizer.lr == 2e-5
+    method = get_method(config)
+    shapes = jax.eval_shape(method.init, jax.random.key(0), method.dummy_batch(1))["params"]
+    assert shapes["g_a"]["Conv_0"]["kernel"].shape[-1] == 24
+    assert shapes["g_a"]["Conv_3"]["kernel"].shape[-1] == 40
+    assert shapes["entropy_bottleneck"]["quantiles"].shape == (24, 1, 3)
+
+
+def test_unknown_variant_and_bad_mesh_are_clear_errors():
+    from absl import flags
+
+    with pytest.raises((ValueError, flags.Error), match="unknown variant"):
+        load_config("configs/hfd.py:huge")
+    from jaxcodec.sharding import create_mesh
+
+    with pytest.raises(ValueError, match="do not split"):
+        create_mesh((-1, 3, 1))
+
+
+def test_cli_trains_checkpoints_and_resumes(tmp_path):
+    """The issue's command: total_steps=3 leaves a checkpoint for 3; total_steps=5 resumes."""
+    workdir = tmp_path / "cli"
+    base = [
+        sys.executable,
+        "-m",
+        "jaxcodec.train",
+        "--config",
+        "configs/hfd.py:tiny",
+        "--workdir",
+        str(workdir),
+    ] + [f"--config.{o}" for o in SMALL]
+    env = dict(os.environ)
+    first = subprocess.run(
+        base + ["--config.total_steps=3"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert 3 in Checkpointer(workdir).all_steps()
+    written = json.loads((workdir / "config.json").read_text())
+    assert written["model"]["N"] == 16 and written["total_steps"] == 3
+
+    second = subprocess.run(
+        base + ["--config.total_steps=5"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from 3" in second.stdout + second.stderr
+    assert 5 in Checkpointer(workdir).all_steps()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and [h["step"] for h in summary["history"]] == [4, 5]
