@@ -19,7 +19,7 @@ def _nonneg(p: jax.Array, minimum: float = 0.0) -> jax.Array:
 
 
 class GDN(nn.Module):
-    """Generalised divisive normalisation, y_i = x_i / sqrt(β_i + Σ_j γ_ij x_j²) (or its inverse)."""
+    """Generalised divisive normalisation, y_i = x_i / sqrt(β_i + Σ_j γ_ij x_j²), or its inverse."""
 
     inverse: bool = False
     beta_min: float = 1e-6
