@@ -1,4 +1,4 @@
-"""Quantisation proxies: additive uniform noise for rate, straight-through rounding for distortion."""
+"""Quantisation proxies: uniform noise for the rate, straight-through rounding for distortion."""
 
 from typing import Literal
 
