@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcodec.entropy.context import channel_groups
 from jaxcodec.methods import register
 from jaxcodec.methods.base import Batch, Method, Metrics, bits, psnr_from_mse, to_float, to_uint8
 from jaxcodec.nn.hyperprior import HyperpriorCoding, MeanScaleHyperprior
@@ -19,7 +20,13 @@ class HFD(Method):
         super().__init__(config)
         if self.stage != 1:
             raise ValueError(f"HFD stage {self.stage} is not available yet; use stage 1")
-        self.model = MeanScaleHyperprior(N=config.model.N, M=config.model.M)
+        entropy_model = config.model.get("entropy_model", "hyperprior")
+        if entropy_model not in ("hyperprior", "elic"):
+            raise ValueError(f"model.entropy_model={entropy_model!r}: use 'hyperprior' or 'elic'")
+        groups = ()
+        if entropy_model == "elic":
+            groups = channel_groups(config.model.M, config.model.get("context_groups") or None)
+        self.model = MeanScaleHyperprior(N=config.model.N, M=config.model.M, context_groups=groups)
         self.coding = HyperpriorCoding(self.model)
         self.stride = self.coding.stride
 

@@ -1,5 +1,7 @@
 """Mean–scale hyperprior compressor (Minnen et al. 2018): HFD's stage-1 autoencoder."""
 
+import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -8,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcodec.entropy import EntropyBottleneck, GaussianConditional, coder, fixedpoint
+from jaxcodec.entropy import context as context_lib
 from jaxcodec.entropy import tables as tables_lib
+from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
     HyperAnalysis,
@@ -34,6 +38,9 @@ class MeanScaleHyperprior(nn.Module):
 
     N: int = 128
     M: int = 192
+    # Non-empty: y is coded with the ELIC-style space–channel context over these channel
+    # groups (h_s output becomes the context's hyper features); empty: plain mean–scale.
+    context_groups: Sequence[int] = ()
 
     def setup(self):
         self.g_a = AnalysisTransform(self.N, self.M)
@@ -42,6 +49,8 @@ class MeanScaleHyperprior(nn.Module):
         self.h_s = HyperSynthesis(self.N, self.M)
         self.entropy_bottleneck = EntropyBottleneck(self.N)
         self.gaussian_conditional = GaussianConditional()
+        if self.context_groups:
+            self.context = SpaceChannelContext(channel_groups(self.M, self.context_groups))
 
     def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> CodecOutput:
         y = self.g_a(x)
@@ -54,7 +63,11 @@ class MeanScaleHyperprior(nn.Module):
             z_hat = self.entropy_bottleneck(z, mode="ste")[0]
         else:
             z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
-        scales, means = jnp.split(self.h_s(z_hat), 2, axis=-1)
+        hyper = self.h_s(z_hat)
+        if self.context_groups:
+            y_hat, y_lik = self.context(y, hyper, train=train, key=ky if train else None)
+            return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik})
+        scales, means = jnp.split(hyper, 2, axis=-1)
         if train:
             _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
             y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
@@ -186,35 +199,51 @@ class HyperpriorCoding:
         )
 
     def entropy_tables(self, params) -> dict:
-
         params = jax.tree.map(np.asarray, params)
-        return {
+        out = {
             "z": factorized_entropy_tables(params["entropy_bottleneck"]),
             "y": gaussian_entropy_tables(),
             "h_s": fixedpoint.export_sequential(params["h_s"], H_S_SPEC),
         }
+        if self.model.context_groups:
+            groups = channel_groups(self.model.M, self.model.context_groups)
+            out["context"] = context_lib.export(params["context"], groups)
+        return out
 
-    def _entropy_parameters(self, tables, z_hat_q):
-
-        out = fixedpoint.run(tables["h_s"], z_hat_q)
-        m = out.shape[-1] // 2
-        scales_q, means_q = out[..., :m], out[..., m:]
-        return tables_lib.scale_index(scales_q, tables["y"]["thresholds"]), means_q
+    def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None):
+        """Entropy parameters from the fixed-point h_s on z_hat, then y in coding order."""
+        hyper_q = fixedpoint.run(tables["h_s"], z_hat_q)
+        if "context" in tables:
+            return context_lib.code(tables["context"], tables["y"], hyper_q, y, encoder, decoder)
+        m = hyper_q.shape[-1] // 2
+        scales_q, means_q = hyper_q[..., :m], hyper_q[..., m:]
+        idx = tables_lib.scale_index(scales_q, tables["y"]["thresholds"])
+        table_coder = coder.cached_coder(tables["y"])
+        if encoder is not None:
+            sym = gaussian_symbols(y, means_q)
+            table_coder.encode(encoder, sym, idx)
+        else:
+            sym = table_coder.decode(decoder, idx).reshape(idx.shape)
+        return dequantize(sym, means_q), sym, idx
 
     def compress(self, params, tables, image) -> tuple[list[bytes], dict]:
         """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
-
         x = jnp.asarray(image, jnp.float32)[None] / 255.0
         y, z = jax.device_get(self._analyse(params, x))
         enc_z = coder.new_encoder()
+        t0 = time.perf_counter()
         z_hat_q = encode_factorized(enc_z, tables["z"], z[0])
-        idx, means_q = self._entropy_parameters(tables, z_hat_q)
-        y_sym = gaussian_symbols(y[0], means_q)
         enc_y = coder.new_encoder()
-        coder.cached_coder(tables["y"]).encode(enc_y, y_sym, idx)
+        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y[0], encoder=enc_y)
+        streams = [coder.finish(enc_z), coder.finish(enc_y)]
         z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
-        info = {"y_symbols": y_sym, "y_idx": idx, "z_symbols": z_sym, "z_hat_q": z_hat_q}
-        return [coder.finish(enc_z), coder.finish(enc_y)], info
+        info = {
+            "y_symbols": y_sym,
+            "y_idx": idx,
+            "z_symbols": z_sym,
+            "entropy_s": time.perf_counter() - t0,
+        }
+        return streams, info
 
     def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int]):
         """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices)."""
@@ -223,11 +252,8 @@ class HyperpriorCoding:
         z_hat_q = decode_factorized(
             coder.new_decoder(streams[0]), tables["z"], (h // STRIDE, w // STRIDE, n)
         )
-        idx, means_q = self._entropy_parameters(tables, z_hat_q)
-        y_sym = coder.cached_coder(tables["y"]).decode(coder.new_decoder(streams[1]), idx)
-        y_sym = y_sym.reshape(idx.shape)
-        y_hat = fixedpoint.from_fixed(dequantize(y_sym, means_q)).astype(np.float32)
-        return y_hat, y_sym, idx
+        y_hat_q, y_sym, idx = self._code_y(tables, z_hat_q, decoder=coder.new_decoder(streams[1]))
+        return fixedpoint.from_fixed(y_hat_q).astype(np.float32), y_sym, idx
 
     def synthesise(self, params, y_hat: np.ndarray) -> np.ndarray:
         """y_hat [B, h, w, M] → uint8 images [B, H, W, 3] (batched on the device)."""
@@ -237,5 +263,6 @@ class HyperpriorCoding:
     def decompress(self, params, tables, streams: list[bytes], hw: tuple[int, int]):
         """→ (uint8 [H, W, 3], info with the decoded y symbols)."""
         y_hat, y_sym, idx = self.decode_latents(tables, streams, hw)
+        t0 = time.perf_counter()
         image = self.synthesise(params, y_hat[None])[0]
-        return image, {"y_symbols": y_sym, "y_idx": idx}
+        return image, {"y_symbols": y_sym, "y_idx": idx, "synthesis_s": time.perf_counter() - t0}
