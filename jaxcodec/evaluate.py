@@ -92,6 +92,7 @@ class MetricSuite:
         self.per_image = [m for m in PER_IMAGE_METRICS if m in names]
         self.dataset = [m for m in DATASET_METRICS if m in names]
         self._fid = None
+        self._ref_features: dict[str, np.ndarray] = {}  # originals: same at every rate point
         if self.dataset:
             from jaxcodec.metrics.fid import PatchFID
 
@@ -114,11 +115,23 @@ class MetricSuite:
         }
         return {m: float(np.asarray(fns[m](ref[None], rec[None]))[0]) for m in self.per_image}
 
-    def dataset_metrics(self, refs: list[np.ndarray], recs: list[np.ndarray]) -> dict[str, float]:
+    def patch_features(self, name: str, ref: np.ndarray, rec: np.ndarray) -> np.ndarray | None:
+        """Inception features of the reconstruction's patches (the original's are cached)."""
+        if self._fid is None:
+            return None
+        if name not in self._ref_features:
+            self._ref_features[name] = self._fid.features([ref])
+        return self._fid.features([rec])
+
+    def dataset_metrics(self, names: list[str], rec_features: list[np.ndarray]) -> dict:
         if self._fid is None:
             return {}
-        out = self._fid.compare(refs, recs)
-        return {m: out[m] for m in self.dataset}
+        from jaxcodec.metrics.fid import frechet_distance, kernel_inception_distance
+
+        fa = np.concatenate([self._ref_features[n] for n in names])
+        fb = np.concatenate(rec_features)
+        out = {"fid": frechet_distance(fa, fb), "kid": kernel_inception_distance(fa, fb)[0]}
+        return {m: out[m] for m in self.dataset} | {"fid_patches": len(fa)}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -152,7 +165,7 @@ def evaluate_point(
     """One rate point: per-image bpp/metrics/timings and their means."""
     for _ in range(warmup):  # compile / cache; never timed
         codec.decompress(codec.compress(images[0][1]))
-    rows, refs, recs = [], [], []
+    rows, rec_features = [], []
     for name, img in _progress(images, len(images), codec.name, progress):
         t0 = time.perf_counter()
         data = codec.compress(img)
@@ -179,11 +192,10 @@ def evaluate_point(
         row.update({f"{k}_time": v for k, v in timings.items()})
         rows.append(row)
         if suite.dataset:
-            refs.append(img)
-            recs.append(rec)
+            rec_features.append(suite.patch_features(name, img, rec))
     keys = [k for k in rows[0] if k not in ("image", "height", "width")]
     point = {"name": codec.name, **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-    point.update(suite.dataset_metrics(refs, recs))
+    point.update(suite.dataset_metrics([r["image"] for r in rows], rec_features))
     point["per_image"] = rows
     return point
 

@@ -15,6 +15,9 @@ from jaxcodec.metrics.fid import (
     load_inception,
     torch_name,
 )
+from jaxcodec.metrics.fid import (
+    inception_params_from_state_dict as load_inception_from_state,
+)
 from jaxcodec.metrics.weights import WeightsError
 
 
@@ -101,3 +104,22 @@ def test_inception_weights_random_file(tmp_path):
     pkl.write_bytes(b"not read")
     with pytest.raises(WeightsError, match=".npz or .safetensors"):
         load_inception(str(pkl))
+
+
+def test_evaluate_point_with_fid(tmp_path):
+    """The evaluation loop feeds patches of originals and reconstructions to FID/KID."""
+    from jaxcodec.baselines import ClassicalCodec
+    from jaxcodec.evaluate import MetricSuite, evaluate_point
+
+    rng = np.random.default_rng(0)
+    params = load_inception_from_state(_random_state_dict(rng))
+    suite = MetricSuite(["psnr"])
+    suite.dataset = ["fid", "kid"]
+    suite._fid = PatchFID(params, patch=64, batch=4, resize=75)
+    from skimage import data
+
+    imgs = [("a.png", data.astronaut()[:128, :192]), ("b.png", data.coffee()[:128, :192])]
+    lo = evaluate_point(ClassicalCodec("jpeg", 2), imgs, suite, warmup=0, progress=False)
+    hi = evaluate_point(ClassicalCodec("jpeg", 95), imgs, suite, warmup=0, progress=False)
+    assert lo["fid_patches"] == hi["fid_patches"] == 2 * (6 + 2)
+    assert lo["fid"] > hi["fid"] > 0 and np.isfinite(lo["kid"])

@@ -292,13 +292,19 @@ def kernel_inception_distance(
     return float(np.mean(vals)), float(np.std(vals))
 
 
+@functools.cache
+def _inception_apply(resize: int):
+    """One jitted network per input resolution, shared by every ``PatchFID``."""
+    return jax.jit(FIDInceptionV3(resize=resize).apply)
+
+
 class PatchFID:
     """FID/KID between reference and reconstructed image sets on HiFiC patches."""
 
     def __init__(self, weights: str | dict, patch: int = 256, batch: int = 16, resize: int = 299):
         self.params = load_inception(weights) if isinstance(weights, str | os.PathLike) else weights
         self.patch, self.batch = patch, batch
-        self._apply = jax.jit(functools.partial(FIDInceptionV3(resize=resize).apply))
+        self._apply = _inception_apply(resize)
 
     def features(self, images: Sequence[np.ndarray]) -> np.ndarray:
         patches = [p for img in images for p in hific_patches(img, self.patch)]
