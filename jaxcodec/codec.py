@@ -79,7 +79,8 @@ class MethodCodec:
         )
         header = container.Header(h, w, self.hash[: container.MODEL_ID_BYTES], self.options)
         data = container.pack(header, streams, self.hash)
-        self.timings["encode"] = time.perf_counter() - t0
+        self.timings = {"encode": time.perf_counter() - t0}
+        self.timings |= {k: v for k, v in info.items() if k.endswith("_s")}  # breakdown
         self.last_info = info
         return data
 
@@ -94,7 +95,8 @@ class MethodCodec:
             raise
         except (ValueError, ArithmeticError) as exc:
             raise BitstreamError(f"undecodable stream: {exc}") from None
-        self.timings["decode"] = time.perf_counter() - t0
+        self.timings = {"decode": time.perf_counter() - t0}
+        self.timings |= {k: v for k, v in info.items() if k.endswith("_s")}
         self.last_info = info
         return np.ascontiguousarray(image[: header.height, : header.width])
 
