@@ -189,25 +189,15 @@ class UNetDownBlock(nn.Module):
     add_downsample: bool
     cross_attention: bool
     config: UNetConfig
-    groups: int | None = None
-    groups_out: int | None = None
-    resnet_eps: float | None = None
 
     def setup(self):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
         Res = _maybe_remat(ResnetBlock2D, c.remat)
         Tr = _maybe_remat(Transformer2D, c.remat)
-        groups = self.groups or c.norm_num_groups
         self.resnets = [
-            Res(
-                self.out_channels,
-                groups=groups if i == 0 else (self.groups_out or groups),
-                groups_out=self.groups_out,
-                eps=self.resnet_eps or c.norm_eps,
-                **kw,
-            )
-            for i in range(self.num_layers)
+            Res(self.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
+            for _ in range(self.num_layers)
         ]
         if self.has_attention:
             self.attentions = [
@@ -215,7 +205,7 @@ class UNetDownBlock(nn.Module):
                     self.heads,
                     self.out_channels // self.heads,
                     self.transformer_layers,
-                    self.groups_out or c.norm_num_groups,
+                    c.norm_num_groups,
                     self.cross_attention,
                     c.use_linear_projection,
                     c.attention_impl,
@@ -240,7 +230,11 @@ class UNetDownBlock(nn.Module):
 
 
 class UNetMidBlock(nn.Module):
-    """``UNetMidBlock2DCrossAttn``: resnet, (transformer, resnet) × transformer count."""
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet.
+
+    ``groups``/``groups_out``/``resnet_eps`` override the config for ControlNet-XS adapters,
+    whose mid block maps base+control channels to control channels.
+    """
 
     out_channels: int
     heads: int

@@ -327,3 +327,17 @@ def load_text_condition(folder: str | os.PathLike) -> np.ndarray:
         + ", ".join(str(p) for p in candidates)
         + " (the empty prompt's text-encoder embedding, e.g. 1x77x1024 for SD 2.x)"
     )
+
+
+def load_control_adapter(folder: str | os.PathLike, unet_config, variant: str | None = None):
+    """Load a diffusers ``ControlNetXSAdapter`` folder for a UNet of ``unet_config``.
+
+    Returns ``(ControlAdapterConfig, adapter_params)``; put the params under ``'adapter'`` next
+    to the UNet's under ``'unet'`` for :class:`jaxcodec.nn.control.ControlledUNet`.
+    """
+    from jaxcodec.nn.control import ControlAdapterConfig, controlled_param_shapes
+
+    config_dict, state = read_folder(folder, variant)
+    config = ControlAdapterConfig.from_diffusers(config_dict)
+    shapes = controlled_param_shapes(unet_config, config)["adapter"]
+    return config, state_dict_to_params(state, shapes, dtype=unet_config.params_dtype)
