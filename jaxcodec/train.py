@@ -8,6 +8,7 @@ import functools
 import json
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -336,11 +337,14 @@ def train_and_evaluate(
     )
 
     with _Preemption() as preemption:
-        step = start_step
+        step, t_first, first_step = start_step, time.perf_counter(), start_step
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = shd.global_batch(next(data_iter), mesh)
                 state, metrics = step_fn(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(state)  # the first step includes compilation
+                t_first, first_step = time.perf_counter(), step
             for hook in hooks:
                 hook(step)
             pending.append(metrics)
@@ -380,7 +384,7 @@ def train_and_evaluate(
 
             if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
                 extra = None
-                if step == total_steps:
+                if step == total_steps or preemption.requested:
                     # Integer coding tables are built once, from the final EMA parameters, and
                     # stored with the last checkpoint; decoders never rebuild them.
                     tables = method.entropy_tables(state.ema_params)
@@ -393,9 +397,14 @@ def train_and_evaluate(
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
                 break
 
+    jax.block_until_ready(state)
+    timed_steps = step - first_step if step > start_step else 0
     ckpt.close()
     writer.flush()
     summary = {
+        # Steady-state speed: steps after the first (which compiles), including data,
+        # logging, evaluation and checkpoint time.
+        "steps_per_sec": timed_steps / (time.perf_counter() - t_first) if timed_steps else None,
         "final_step": step,
         "resumed_from": start_step,
         "history": history,
@@ -447,6 +456,7 @@ def main(argv: list[str]) -> None:
             f"eval: "
             + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
             + f"; skipped non-finite steps: {summary['nonfinite_total']}"
+            + f"; {summary['steps_per_sec'] or 0:.2f} steps/s"
         )
 
 
