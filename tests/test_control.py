@@ -106,7 +106,7 @@ def test_zero_initialised_adapter_leaves_the_unet_unchanged(xs):
     hint = jnp.asarray(rng.normal(size=(1, 16, 16, 6)), jnp.float32)
 
     def controlled(unet_params, key):
-        fresh = model.init(key, x, t, ctx, hint)["params"]
+        fresh = dw.nn.meta.unbox(model.init(key, x, t, ctx, hint)["params"])
         full = {"unet": unet_params, "adapter": fresh["adapter"]}
         return model.apply({"params": full}, x, t, ctx, hint), fresh["adapter"]
 

@@ -442,3 +442,41 @@ def unet_param_shapes(config: UNetConfig) -> dict:
     module = UNet(config)
     init = lambda a, b, c: module.init(jax.random.key(0), a, b, c)
     return jax.eval_shape(init, x, t, ctx)["params"]
+
+
+# diffusers' config.json of stabilityai/stable-diffusion-2-1-base/unet (the fields it sets).
+SD21_BASE_UNET: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 1024,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}

@@ -250,3 +250,19 @@ def vae_param_shapes(config: VAEConfig) -> dict:
     x = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     module = AutoencoderKL(config)
     return jax.eval_shape(lambda a: module.init(jax.random.key(0), a), x)["params"]
+
+
+# diffusers' config.json of stabilityai/stable-diffusion-2-1-base/vae.
+SD21_BASE_VAE: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 768,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
