@@ -26,6 +26,7 @@ SMALL = [
     "eval_every=0",
     "checkpoint_every=2",
     "optimizer.lr=1e-3",
+    "real_file_eval=False",
 ]
 
 
@@ -198,7 +199,7 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     ] + [f"--config.{o}" for o in SMALL]
     env = dict(os.environ)
     first = subprocess.run(
-        base + ["--config.total_steps=3"],
+        base + ["--config.total_steps=3", "--config.real_file_eval=True"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -207,6 +208,10 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     )
     assert first.returncode == 0, first.stderr[-3000:]
     assert 3 in Checkpointer(workdir).all_steps()
+    # The run ends with real files: one .jxc per evaluation image, its measured bpp printed.
+    jxc = sorted((workdir / "final_eval").glob("*.jxc"))
+    assert len(jxc) == 1 and jxc[0].stat().st_size > 16
+    assert "measured bpp=" in first.stdout
     written = json.loads((workdir / "config.json").read_text())
     assert written["model"]["N"] == 16 and written["total_steps"] == 3
 
