@@ -366,7 +366,7 @@ def train_and_evaluate(
         {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
     )
 
-    tables, final_params = None, None
+    tables, final_params, table_error = None, None, None
     with _Preemption() as preemption:
         step, t_first, first_step = start_step, time.perf_counter(), start_step
         for step in range(start_step + 1, total_steps + 1):
@@ -419,12 +419,21 @@ def train_and_evaluate(
                     final_params = state.ema_params
                     # Integer coding tables are built once, from the final EMA parameters, and
                     # stored with the last checkpoint; decoders never rebuild them.
-                    tables = method.entropy_tables(final_params)
+                    try:
+                        tables = method.entropy_tables(final_params)
+                    except Exception as exc:  # never lose the trained state to a table bug
+                        table_error = exc
                     extra = None if tables is None else {ENTROPY_TABLES: tables}
                 # An async save reads the arrays after this call returns, while the next step
                 # donates (overwrites) their buffers: give it a copy of its own.
                 saved = jax.tree.map(jnp.copy, state) if async_save else state
                 ckpt.save(step, saved, data_iter.get_state(), extra=extra)
+                if table_error is not None:
+                    ckpt.close()
+                    raise RuntimeError(
+                        f"building the entropy tables failed; the trained state is saved "
+                        f"without them at step {step} in {workdir}"
+                    ) from table_error
             if preemption.requested:
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
                 break
