@@ -32,9 +32,11 @@ def test_roundtrip_is_exact_and_rate_matches_the_tables(gauss):
 
 def test_escape_codes_any_integer(gauss):
     idx = np.array([0, 0, 5, 63, 63, 0, 10])
-    values = np.array([0, 10**6, -(2**40), 2**50, -5000, -1, 7])
+    values = np.array([0, 10**6, -(2**39), 2**39, -5000, -1, 7])
     data, out = _roundtrip(gauss, values, idx)
     np.testing.assert_array_equal(out, values)
+    with pytest.raises(ValueError, match="too large"):
+        _roundtrip(gauss, np.array([2**42]), np.array([0]))
 
 
 def test_factorized_style_tables_with_offsets():

@@ -20,7 +20,8 @@ Uniform = constriction.stream.model.Uniform
 RangeEncoder = constriction.stream.queue.RangeEncoder
 RangeDecoder = constriction.stream.queue.RangeDecoder
 
-_NBITS_MODEL_SIZE = 64  # escape payloads up to 2**63
+_NBITS_MODEL_SIZE = 64  # the bit count is coded with 6 bits...
+MAX_ESCAPE_BITS = 40  # ...but escaped values stay below 2**40 (latents never come close)
 _CHUNK = 16
 
 
@@ -125,7 +126,7 @@ class TableCoder:
         for value in u.tolist():
             v = value + 1
             nbits = v.bit_length() - 1
-            if nbits >= _NBITS_MODEL_SIZE:
+            if nbits > MAX_ESCAPE_BITS:
                 raise ValueError(f"escape value {value} too large to code")
             encoder.encode(nbits, self._nbits_model)
             rest = v - (1 << nbits)
@@ -137,10 +138,14 @@ class TableCoder:
         try:
             for _ in range(count):
                 nbits = int(decoder.decode(self._nbits_model))
+                if nbits > MAX_ESCAPE_BITS:
+                    raise CodingError("escape value out of range")
                 rest = 0
                 for shift in range(0, nbits, _CHUNK):
                     rest |= int(decoder.decode(self._chunk_model)) << shift
                 out.append((1 << nbits) + rest - 1)
+        except CodingError:
+            raise
         except Exception as exc:
             raise CodingError(f"range decoder failed: {exc}") from None
         return np.array(out, np.int64)

@@ -9,7 +9,8 @@ gets bit-identical outputs (the idea of Ballé et al. 2019, "Integer networks", 
 training).
 
 A network is a list of layers, each a dict of numpy arrays with `kind` one of
-`conv` / `deconv` (Flax `Conv` / `ConvTranspose` with SAME padding), `leaky_relu`, `relu`.
+`conv` / `deconv` (Flax `Conv` / `ConvTranspose` with SAME padding), `leaky_relu`, `relu`,
+`depth_to_space` (pixel shuffle, as in `jaxcodec.nn.transforms.SubpixelConv`).
 Inputs are single images [H, W, C] of integers (grid 2^-ACT_BITS).
 """
 
@@ -23,7 +24,7 @@ LEAKY_SLOPE = 0.01  # flax.linen.leaky_relu's default
 _SLOPE_BITS = 16
 _EXACT_LIMIT = float(2**52)
 
-KIND_CODES = {"conv": 0, "deconv": 1, "leaky_relu": 2, "relu": 3}
+KIND_CODES = {"conv": 0, "deconv": 1, "leaky_relu": 2, "relu": 3, "depth_to_space": 4}
 _KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
 
@@ -56,13 +57,23 @@ def act_layer(kind: str) -> dict[str, np.ndarray]:
 
 def export_sequential(params: dict[str, Any], spec: list[tuple]) -> dict[str, dict]:
     """Builds a fixed-point network from Flax params following `spec`, a list of
-    ('conv' | 'deconv', param_name, stride) and ('leaky_relu' | 'relu',) entries. Layers are
-    keyed '000', '001', ... so the pytree keeps its order through a checkpoint."""
+    ('conv' | 'deconv', 'path/to/module', stride), ('depth_to_space', block) and
+    ('leaky_relu' | 'relu',) entries. Layers are keyed '000', '001', ... so the pytree keeps
+    its order through a checkpoint."""
     layers = []
     for entry in spec:
         kind = entry[0]
-        if kind in ("conv", "deconv"):
-            p = params[entry[1]]
+        if kind == "depth_to_space":
+            layers.append(
+                {
+                    "kind": np.array(KIND_CODES[kind], np.int32),
+                    "block": np.array(entry[1], np.int32),
+                }
+            )
+        elif kind in ("conv", "deconv"):
+            p = params
+            for name in entry[1].split("/"):
+                p = p[name]
             layers.append(
                 conv_layer(
                     np.asarray(p["kernel"]), np.asarray(p["bias"]), entry[2], kind == "deconv"
@@ -136,4 +147,9 @@ def run(net: dict[str, dict], x_q: np.ndarray) -> np.ndarray:
             x = np.where(x >= 0, x, np.floor(x * slope * 2.0**-_SLOPE_BITS))
         elif kind == "relu":
             x = np.maximum(x, 0.0)
+        elif kind == "depth_to_space":
+            b = int(layer["block"])
+            h, w, c = x.shape
+            x = x.reshape(h, w, b, b, c // (b * b)).transpose(0, 2, 1, 3, 4)
+            x = x.reshape(h * b, w * b, c // (b * b))
     return x.astype(np.int64)

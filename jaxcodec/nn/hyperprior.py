@@ -92,11 +92,13 @@ class MeanScaleHyperprior(nn.Module):
 # Coding (host side): integer tables built once from trained parameters, then range coding.
 # ---------------------------------------------------------------------------------------------
 
-# h_s layer by layer, as HyperSynthesis names its (auto-named) submodules.
+# h_s layer by layer, following HyperSynthesis's submodule names (SubpixelConv upsampling).
 H_S_SPEC = [
-    ("deconv", "ConvTranspose_0", 2),
+    ("conv", "SubpixelConv_0/Conv_0", 1),
+    ("depth_to_space", 2),
     ("leaky_relu",),
-    ("deconv", "ConvTranspose_1", 2),
+    ("conv", "SubpixelConv_1/Conv_0", 1),
+    ("depth_to_space", 2),
     ("leaky_relu",),
     ("conv", "Conv_0", 1),
 ]
