@@ -23,11 +23,20 @@ from jaxcodec.nn import layers
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 
-# Block sizes for the blockwise implementation (tokens). Tuned on CPU in benchmarks/unet_speed.py.
-Q_BLOCK = 512
-KV_BLOCK = 1024
-# Below this many keys the plain XLA path is used by 'auto' (score matrix is small).
-AUTO_BLOCKWISE_MIN_TOKENS = 2048
+# Block sizes for the blockwise implementation (tokens): blocks of at most this many, balanced
+# so that a sequence splits without padding when it can. Chosen on CPU (benchmarks/unet_speed.py):
+# small query blocks with up to 4096 keys keep each score block (128×4096×4 B = 2 MiB per head)
+# near the cache; longer key sequences fall back to the online-softmax recurrence.
+Q_BLOCK = 128
+KV_BLOCK = 4096
+# 'auto' uses the blockwise path on CPU from this many keys on (XLA's materialised softmax
+# is slower there from about a thousand tokens; below, one block is the whole matrix anyway).
+AUTO_BLOCKWISE_MIN_TOKENS = 1024
+
+
+def _balanced_block(length: int, max_block: int) -> int:
+    n = math.ceil(length / max_block)
+    return math.ceil(length / n)
 
 
 def _xla_attention(q, k, v, scale):
@@ -53,7 +62,7 @@ def blockwise_attention(
     b, tq, n, h = q.shape
     tk = k.shape[1]
     scale = h**-0.5 if scale is None else scale
-    q_block, kv_block = min(q_block, tq), min(kv_block, tk)
+    q_block, kv_block = _balanced_block(tq, q_block), _balanced_block(tk, kv_block)
     nq, nk = math.ceil(tq / q_block), math.ceil(tk / kv_block)
     pad_q, pad_k = nq * q_block - tq, nk * kv_block - tk
     if pad_q:
