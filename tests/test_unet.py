@@ -66,6 +66,7 @@ def test_config_from_diffusers(tiny_unet):
     assert config.block_out_channels == (32, 64)
     assert config.heads == (2, 4)
     assert config.cross_attention_dim == 32
+    assert UNetConfig.from_diffusers(config.to_diffusers()) == config
     with pytest.raises(ValueError, match="class_embed_type"):
         UNetConfig.from_diffusers({**dict(ref.config), "class_embed_type": "timestep"})
 

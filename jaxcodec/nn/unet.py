@@ -160,17 +160,13 @@ class UNetConfig:
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:
-        skip = {"dtype", "param_dtype", "attention_impl", "remat", "mid_block_type"}
-        out = {
-            f.name: (list(v) if isinstance(v, tuple) else v)
-            for f in dataclasses.fields(self)
-            if f.name not in skip
-            and (v := getattr(self, f.name)) is not None
-            or f.name in ("num_attention_heads", "cross_attention_dim")
-        }
-        out["mid_block_type"] = self.mid_block_type
-        out["_class_name"] = "UNet2DConditionModel"
-        out["act_fn"] = "silu"
+        """The diffusers ``config.json`` dict (jaxcodec-only fields dropped)."""
+        skip = {"dtype", "param_dtype", "attention_impl", "remat"}
+        out = {"_class_name": "UNet2DConditionModel", "act_fn": "silu"}
+        for f in dataclasses.fields(self):
+            if f.name not in skip:
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
 
