@@ -148,3 +148,15 @@ def test_missing_files_and_text_condition(tmp_path):
     np.testing.assert_array_equal(dw.load_text_condition(unet_dir), emb)
     dw.write_safetensors({"embedding": emb[:, :5]}, unet_dir / "empty_prompt_embedding.safetensors")
     np.testing.assert_array_equal(dw.load_text_condition(unet_dir), emb[:, :5])
+
+
+def test_parameters_carry_logical_axes(sd21):
+    _, _, unet_shapes, _ = sd21
+    specs = dw.nn.get_partition_spec(unet_shapes)
+    block = specs["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
+    assert tuple(block["attn1"]["to_q"]["kernel"]) == ("embed", "heads")
+    assert tuple(block["attn2"]["to_out_0"]["kernel"]) == ("heads", "embed")
+    assert tuple(block["ff"]["net_0"]["proj"]["kernel"]) == ("embed", "mlp")
+    assert tuple(block["ff"]["net_2"]["kernel"]) == ("mlp", "embed")
+    assert tuple(specs["conv_in"]["kernel"]) == (None, None, "conv_in", "conv_out")
+    assert tuple(specs["conv_norm_out"]["scale"]) == ("norm",)
