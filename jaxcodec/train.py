@@ -148,6 +148,16 @@ def train_step(
 # ---------------------------------------------------------------------------------------------
 
 
+def host_params(tree: Any) -> Any:
+    """The full value of (possibly sharded, multi-host) parameters as numpy arrays on every
+    process: evaluation and table building run per process, outside the mesh."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     """Edge-pads an HxWxC image so both sides are multiples of `multiple`."""
     h, w = image.shape[:2]
@@ -185,7 +195,7 @@ def real_file_evaluation(
 
     from jaxcodec.codec import MethodCodec
 
-    codec = MethodCodec(method, jax.device_get(params), tables, name=method.name)
+    codec = MethodCodec(method, params, tables, name=method.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     bpps, psnrs = [], []
     for i, (name, image) in enumerate(images):
@@ -405,7 +415,9 @@ def train_and_evaluate(
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
                 if eval_images is None:
                     eval_images = _eval_images(config)
-                last_eval, recons = evaluate(method, state.ema_params, eval_images, stride)
+                last_eval, recons = evaluate(
+                    method, host_params(state.ema_params), eval_images, stride
+                )
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                 n = int(config.get("num_eval_images_logged", 2))
                 writer.write_images(
@@ -420,7 +432,7 @@ def train_and_evaluate(
                     # Integer coding tables are built once, from the final EMA parameters, and
                     # stored with the last checkpoint; decoders never rebuild them.
                     try:
-                        tables = method.entropy_tables(final_params)
+                        tables = method.entropy_tables(host_params(final_params))
                     except Exception as exc:  # never lose the trained state to a table bug
                         table_error = exc
                     extra = None if tables is None else {ENTROPY_TABLES: tables}
@@ -443,7 +455,7 @@ def train_and_evaluate(
         if eval_images is None:
             eval_images = _eval_images(config)
         real_files = real_file_evaluation(
-            method, final_params, tables, eval_images, workdir / "final_eval"
+            method, host_params(final_params), tables, eval_images, workdir / "final_eval"
         )
         writer.write_scalars(step, {f"real_files/{k}": v for k, v in real_files.items()})
         logging.info("real files at step %d: %s", step, real_files)

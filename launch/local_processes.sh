@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # N local processes on CPU, as on N hosts (gloo collectives): a check of the multi-host path on
-# one machine.   launch/local_processes.sh 2 runs/multi [extra flags]
+# one machine.   [PYTHON=.venv/bin/python] launch/local_processes.sh 2 runs/multi [extra flags]
 set -euo pipefail
 n="${1:?number of processes}"; workdir="${2:?workdir}"; shift 2
 port="${PORT:-12355}"
 pids=()
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu python -m jaxcodec.train --config "${CONFIG:-configs/hfd.py:tiny}" \
+  JAX_PLATFORMS=cpu "${PYTHON:-python}" -m jaxcodec.train --config "${CONFIG:-configs/hfd.py:tiny}" \
     --workdir "$workdir" --coordinator_address "localhost:$port" \
     --num_processes "$n" --process_id "$i" "$@" &
   pids+=($!)
