@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from jaxcodec.entropy import container
+from jaxcodec.entropy.coder import CodingError
 from jaxcodec.entropy.container import BitstreamError
 
 
@@ -91,9 +92,7 @@ class MethodCodec:
         hw = (-(-header.height // s) * s, -(-header.width // s) * s)
         try:
             image, info = self.method.decompress(self.params, self.tables, streams, hw)
-        except BitstreamError:
-            raise
-        except (ValueError, ArithmeticError) as exc:
+        except (CodingError, ArithmeticError) as exc:  # garbage that passed the checksum
             raise BitstreamError(f"undecodable stream: {exc}") from None
         self.timings = {"decode": time.perf_counter() - t0}
         self.timings |= {k: v for k, v in info.items() if k.endswith("_s")}
