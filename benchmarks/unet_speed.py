@@ -7,8 +7,8 @@ and ends with one JSON line of headline figures.
 
     .venv/bin/python benchmarks/unet_speed.py [--repeats 3] [--impl auto] [--compare-xla]
 
-Both frameworks use every core (report the machine's load next to the numbers: on a shared
-machine the ratio is the stable figure, not the seconds). Needs about 10 GB of RAM.
+Both frameworks use every core, or one thread each with ``--single-thread`` (steadier when other
+jobs share the machine; the load average is printed with the numbers). Needs about 10 GB of RAM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
+
+if "--single-thread" in sys.argv:  # must precede JAX's backend initialisation
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +116,14 @@ def main():
     parser.add_argument("--impl", default="auto", choices=attention.ATTENTION_IMPLS)
     parser.add_argument("--compare-xla", action="store_true", help="also time impl='xla'")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument(
+        "--single-thread",
+        action="store_true",
+        help="one thread each (steadier ratios when other jobs share the cores)",
+    )
     args = parser.parse_args()
+    if args.single_thread:
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     print(
@@ -118,7 +132,11 @@ def main():
     )
     import diffusers
 
-    results: dict = {"load_avg_start": round(load, 2), "repeats": args.repeats}
+    results: dict = {
+        "load_avg_start": round(load, 2),
+        "repeats": args.repeats,
+        "threads": 1 if args.single_thread else os.cpu_count(),
+    }
 
     # ------------------------------------------------------------------ UNet
     cfg = {k: v for k, v in SD21_BASE_UNET.items() if not k.startswith("_")}
