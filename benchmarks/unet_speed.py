@@ -116,6 +116,7 @@ def main():
     parser.add_argument("--impl", default="auto", choices=attention.ATTENTION_IMPLS)
     parser.add_argument("--compare-xla", action="store_true", help="also time impl='xla'")
     parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument(
         "--single-thread",
         action="store_true",
@@ -139,75 +140,77 @@ def main():
     }
 
     # ------------------------------------------------------------------ UNet
-    cfg = {k: v for k, v in SD21_BASE_UNET.items() if not k.startswith("_")}
-    ref = diffusers.UNet2DConditionModel(**cfg).eval()
-    config = UNetConfig.from_diffusers(SD21_BASE_UNET, attention_impl=args.impl)
-    params = _convert(ref, unet_param_shapes(config))
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 64, 64, generator=g)
-    ctx = torch.randn(1, 77, 1024, generator=g)
-    t = torch.tensor([500.0])
+    if not args.skip_unet:
+        cfg = {k: v for k, v in SD21_BASE_UNET.items() if not k.startswith("_")}
+        ref = diffusers.UNet2DConditionModel(**cfg).eval()
+        config = UNetConfig.from_diffusers(SD21_BASE_UNET, attention_impl=args.impl)
+        params = _convert(ref, unet_param_shapes(config))
+        x = torch.randn(1, 4, 64, 64, generator=g)
+        ctx = torch.randn(1, 77, 1024, generator=g)
+        t = torch.tensor([500.0])
 
-    with torch.no_grad():
-        want = ref(x, t, encoder_hidden_states=ctx).sample  # warm-up
-        torch_times = _time(lambda: ref(x, t, encoder_hidden_states=ctx), args.repeats)
-    xj = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    tj, cj = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx).sample  # warm-up
+            torch_times = _time(lambda: ref(x, t, encoder_hidden_states=ctx), args.repeats)
+        xj = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+        tj, cj = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
 
-    def run_jax(impl):
-        model = UNet(dataclasses.replace(config, attention_impl=impl))
-        fn = jax.jit(lambda p, a, b, c: model.apply({"params": p}, a, b, c))
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(params, xj, tj, cj))
-        compile_s = time.perf_counter() - start
-        times = _time(_jax_timer(fn, params, xj, tj, cj), args.repeats)
-        err = float(np.abs(np.asarray(out) - want.numpy().transpose(0, 2, 3, 1)).max())
-        return times, compile_s, err
+        def run_jax(impl):
+            model = UNet(dataclasses.replace(config, attention_impl=impl))
+            fn = jax.jit(lambda p, a, b, c: model.apply({"params": p}, a, b, c))
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn(params, xj, tj, cj))
+            compile_s = time.perf_counter() - start
+            times = _time(_jax_timer(fn, params, xj, tj, cj), args.repeats)
+            err = float(np.abs(np.asarray(out) - want.numpy().transpose(0, 2, 3, 1)).max())
+            return times, compile_s, err
 
-    jax_times, compile_s, err = run_jax(args.impl)
-    t_torch, t_jax = min(torch_times), min(jax_times)
-    att_jax, att_torch, rows = _attention_times(
-        unet_attention_shapes(config, 64, 64, 77), args.repeats, args.impl
-    )
-    print("\nUNet forward, SD 2.1-base, 1x4x64x64 fp32")
-    print(f"  PyTorch   min {t_torch:.3f}s  median {statistics.median(torch_times):.3f}s")
-    print(
-        f"  jaxcodec  min {t_jax:.3f}s  median {statistics.median(jax_times):.3f}s  "
-        f"(impl={args.impl}, first call incl. compile {compile_s:.1f}s)"
-    )
-    print(f"  ratio jaxcodec/PyTorch {t_jax / t_torch:.2f}x   max|diff| {err:.2e}")
-    print(
-        f"  attention core: jaxcodec {att_jax:.3f}s ({100 * att_jax / t_jax:.0f}% of forward), "
-        f"PyTorch {att_torch:.3f}s ({100 * att_torch / t_torch:.0f}%)"
-    )
-    for r in rows:
+        jax_times, compile_s, err = run_jax(args.impl)
+        t_torch, t_jax = min(torch_times), min(jax_times)
+        att_jax, att_torch, rows = _attention_times(
+            unet_attention_shapes(config, 64, 64, 77), args.repeats, args.impl
+        )
+        print("\nUNet forward, SD 2.1-base, 1x4x64x64 fp32")
+        print(f"  PyTorch   min {t_torch:.3f}s  median {statistics.median(torch_times):.3f}s")
         print(
-            f"    q{r['q']:>5} k{r['k']:>5} {r['heads']:>2}x{r['dim']} x{r['count']:>2}: "
-            f"jaxcodec {r['jax_ms']:8.2f} ms  PyTorch {r['torch_ms']:8.2f} ms"
+            f"  jaxcodec  min {t_jax:.3f}s  median {statistics.median(jax_times):.3f}s  "
+            f"(impl={args.impl}, first call incl. compile {compile_s:.1f}s)"
         )
-    results.update(
-        unet_torch_s=round(t_torch, 4),
-        unet_jax_s=round(t_jax, 4),
-        unet_ratio=round(t_jax / t_torch, 3),
-        unet_max_abs_diff=err,
-        unet_impl=args.impl,
-        unet_compile_s=round(compile_s, 1),
-        unet_attention_share_jax=round(att_jax / t_jax, 3),
-        unet_attention_share_torch=round(att_torch / t_torch, 3),
-    )
-    if args.compare_xla and args.impl != "xla":
-        xla_times, _, _ = run_jax("xla")
-        att_xla, _, _ = _attention_times(
-            unet_attention_shapes(config, 64, 64, 77), args.repeats, "xla"
-        )
+        print(f"  ratio jaxcodec/PyTorch {t_jax / t_torch:.2f}x   max|diff| {err:.2e}")
         print(
-            f"  impl=xla: min {min(xla_times):.3f}s, ratio {min(xla_times) / t_torch:.2f}x, "
-            f"attention {att_xla:.3f}s ({100 * att_xla / min(xla_times):.0f}%)"
+            f"  attention core: jaxcodec {att_jax:.3f}s ({100 * att_jax / t_jax:.0f}% of forward), "
+            f"PyTorch {att_torch:.3f}s ({100 * att_torch / t_torch:.0f}%)"
         )
+        for r in rows:
+            print(
+                f"    q{r['q']:>5} k{r['k']:>5} {r['heads']:>2}x{r['dim']} x{r['count']:>2}: "
+                f"jaxcodec {r['jax_ms']:8.2f} ms  PyTorch {r['torch_ms']:8.2f} ms"
+            )
         results.update(
-            unet_xla_s=round(min(xla_times), 4), unet_xla_ratio=round(min(xla_times) / t_torch, 3)
+            unet_torch_s=round(t_torch, 4),
+            unet_jax_s=round(t_jax, 4),
+            unet_ratio=round(t_jax / t_torch, 3),
+            unet_max_abs_diff=err,
+            unet_impl=args.impl,
+            unet_compile_s=round(compile_s, 1),
+            unet_attention_share_jax=round(att_jax / t_jax, 3),
+            unet_attention_share_torch=round(att_torch / t_torch, 3),
         )
-    ref = params = None  # free ~7 GB before the VAE
+        if args.compare_xla and args.impl != "xla":
+            xla_times, _, _ = run_jax("xla")
+            att_xla, _, _ = _attention_times(
+                unet_attention_shapes(config, 64, 64, 77), args.repeats, "xla"
+            )
+            print(
+                f"  impl=xla: min {min(xla_times):.3f}s, ratio {min(xla_times) / t_torch:.2f}x, "
+                f"attention {att_xla:.3f}s ({100 * att_xla / min(xla_times):.0f}%)"
+            )
+            results.update(
+                unet_xla_s=round(min(xla_times), 4),
+                unet_xla_ratio=round(min(xla_times) / t_torch, 3),
+            )
+        ref = params = None  # free ~7 GB before the VAE
 
     # ------------------------------------------------------------------ VAE decoder
     if not args.skip_vae:
