@@ -133,6 +133,7 @@ class AdapterDownBlock(nn.Module):
     add_downsample: bool
     base: UNetConfig
     max_groups: int = 32
+    transformer_layers: int = 1
 
     def setup(self):
         c = self.base
@@ -158,7 +159,7 @@ class AdapterDownBlock(nn.Module):
                     Tr(
                         self.heads,
                         self.ctrl_out // self.heads,
-                        c.transformer_layers[0],
+                        self.transformer_layers,
                         largest_group_count(self.ctrl_out, self.max_groups),
                         c.cross_attention_dim is not None,
                         c.use_linear_projection,
@@ -262,6 +263,7 @@ class ControlAdapter(nn.Module):
                 i < n - 1,
                 c,
                 g,
+                c.transformer_layers[i],
             )
             for i in range(n)
         ]
