@@ -90,7 +90,7 @@ BACKENDS: dict[str, Backend] = {
     ),
     "avif": Backend(
         _pillow_encoder("AVIF", speed=6), _pillow_decode, "quality",
-        (0, 2, 5, 10, 20, 35, 50, 75, 90),
+        (0, 5, 10, 15, 20, 35, 50, 75, 90),  # q0 and q2 give the same file
     ),
     "heic": Backend(_heic_encode, _heic_decode, "quality", (0, 2, 5, 10, 20, 35, 50, 75, 90)),
     "jxl": Backend(_jxl_encode, _jxl_decode, "distance", (25, 15, 10, 6, 4, 2.5, 1.5, 1.0, 0.5)),

@@ -41,3 +41,9 @@ def test_order_and_nan_points_do_not_matter():
     rate_t = np.append(RATE[perm] * 0.8, np.nan)
     psnr_t = np.append(PSNR[perm], 31.0)
     assert bd_rate(RATE, PSNR, rate_t, psnr_t) == pytest.approx(-20.0, abs=1e-6)
+    # Two settings that give the same file (AVIF q0 and q2 do) count once...
+    dup_r, dup_q = np.append(RATE, RATE[0]), np.append(PSNR, PSNR[0])
+    assert bd_rate(RATE, PSNR, dup_r * 0.8, dup_q) == pytest.approx(-20.0, abs=1e-6)
+    # ...but the same rate with a different quality is not a curve.
+    with pytest.raises(ValueError, match="must improve strictly"):
+        bd_rate(RATE, PSNR, np.append(RATE, RATE[0]), np.append(PSNR, PSNR[0] + 1))

@@ -35,8 +35,9 @@ def _prepare(rate, values, metric, who: str) -> tuple[np.ndarray, np.ndarray]:
     rate, q = rate[ok], q[ok]
     if len(rate) < 2:
         raise ValueError(f"{who}: need at least two finite rate points for {metric}")
-    order = np.argsort(rate)
-    rate, q = rate[order], q[order]
+    # Identical points (two settings that produce the same file) carry no extra information.
+    pts = np.unique(np.stack([rate, q], axis=1), axis=0)
+    rate, q = pts[:, 0], pts[:, 1]
     if np.any(np.diff(rate) <= 0) or np.any(np.diff(q) <= 0):
         better = "lower" if metric.lower() in LOWER_IS_BETTER else "higher"
         raise ValueError(f"{who}: {metric} ({better} is better) must improve strictly with rate "
