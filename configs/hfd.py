@@ -23,11 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage = 1
     c.seed = 0
 
-    # --- Model: stage 1 is a mean–scale hyperprior; inputs are padded to a multiple of stride.
-    # entropy_model: 'hyperprior' (mean–scale) or 'elic' (space–channel context over
-    # context_groups, channel counts summing to M; empty = the default for M).
+    # --- Model: stage 1 is a hyperprior autoencoder with, as in HFD, an ELIC-style entropy
+    # model ('elic': checkerboard + channel-group context over context_groups, channel counts
+    # summing to M, empty = the default for M) or a plain mean–scale one ('hyperprior').
+    # Inputs are padded to a multiple of stride.
     c.model = ml_collections.ConfigDict(
-        dict(N=128, M=192, stride=64, entropy_model="hyperprior", context_groups=())
+        dict(N=128, M=192, stride=64, entropy_model="elic", context_groups=())
     )
     # R + λ·255²·MSE; λ sets the rate point (CompressAI's scale: 0.0018 ≈ 0.1 bpp on Kodak).
     c.loss = ml_collections.ConfigDict(dict(lmbda=0.0035))

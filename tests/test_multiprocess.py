@@ -14,6 +14,7 @@ FLAGS = [
     "--config.total_steps=3",
     "--config.model.N=16",
     "--config.model.M=16",
+    "--config.model.entropy_model=hyperprior",
     "--config.data.crop_size=64",
     "--config.log_every=1",
     "--config.eval_every=0",
