@@ -186,6 +186,7 @@ class FIDInceptionV3(nn.Module):
 # --------------------------------------------------------------------------- weights
 
 
+@functools.cache
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
     shapes = jax.eval_shape(
         lambda: FIDInceptionV3(resize=75).init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
