@@ -184,11 +184,11 @@ def evaluate_point(
         row = {"image": name, "height": h, "width": w, "bytes": len(data)}
         row["bpp"] = 8.0 * len(data) / (h * w)
         row.update(suite.image(img, rec))
-        timings = {"encode": enc_timings.get("encode", t1 - t0)}
-        for key in ("denoise", "decode"):
-            if key in dec_timings:
-                timings[key] = dec_timings[key]
-        timings.setdefault("decode", t2 - t1)
+        # A codec may report a breakdown ("denoise", "entropy_s", ...): keep all of it.
+        enc = {k.removesuffix("_s"): float(v) for k, v in enc_timings.items()}
+        dec = {k.removesuffix("_s"): float(v) for k, v in dec_timings.items()}
+        timings = {"encode": enc.pop("encode", t1 - t0), "decode": dec.pop("decode", t2 - t1)}
+        timings |= {f"encode_{k}": v for k, v in enc.items()} | dec
         row.update({f"{k}_time": v for k, v in timings.items()})
         rows.append(row)
         if suite.dataset:

@@ -83,7 +83,7 @@ def test_checkpoint_codec_and_fid_option(kodak3, tmp_path, monkeypatch):
             return (image >> (8 - self.bits)).astype(np.uint8).tobytes() + flag
 
         def decompress(self, data):
-            self.timings = {"denoise": 2e-3, "decode": 3e-3}
+            self.timings = {"decode": 3e-3, "denoise_s": 2e-3}
             h, w = (512, 768) if data[-1:] == b"L" else (768, 512)
             q = np.frombuffer(data[:-1], np.uint8).reshape(h, w, 3)
             return (q << (8 - self.bits)).astype(np.uint8)
@@ -103,6 +103,8 @@ def test_checkpoint_codec_and_fid_option(kodak3, tmp_path, monkeypatch):
     res = json.loads((out / "toy.json").read_text())["results"]
     assert res["rate_point"] == ["posterize-3", "posterize-6"]
     assert res["denoise_time"] == [pytest.approx(2e-3)] * 2
+    assert res["encode_time"] == [pytest.approx(1e-3)] * 2
+    assert res["decode_time"] == [pytest.approx(3e-3)] * 2
     assert res["psnr"][0] < res["psnr"][1]
     with pytest.raises(ValueError, match="--inception"):
         main(["--codec", "jpeg", "--data", str(kodak3), "--out", str(out), "--metrics", "psnr,fid"])
