@@ -174,6 +174,35 @@ def _maybe_remat(cls, remat: bool):
     return nn.remat(cls) if remat else cls
 
 
+def _block_layers(block) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The resnets and (if the block has attention) transformers of a down or up block,
+    created inside the block's `setup` so they take its names (resnets_i, attentions_i)."""
+    c = block.config
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+    Res = _maybe_remat(ResnetBlock2D, c.remat)
+    Tr = _maybe_remat(Transformer2D, c.remat)
+    resnets = [
+        Res(block.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
+        for _ in range(block.num_layers)
+    ]
+    attentions = []
+    if block.has_attention:
+        attentions = [
+            Tr(
+                block.heads,
+                block.out_channels // block.heads,
+                block.transformer_layers,
+                c.norm_num_groups,
+                block.cross_attention,
+                c.use_linear_projection,
+                c.attention_impl,
+                **kw,
+            )
+            for _ in range(block.num_layers)
+        ]
+    return resnets, attentions
+
+
 class UNetDownBlock(nn.Module):
     """``CrossAttnDownBlock2D`` (with attention) or ``DownBlock2D`` (without)."""
 
@@ -189,26 +218,10 @@ class UNetDownBlock(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        Res = _maybe_remat(ResnetBlock2D, c.remat)
-        Tr = _maybe_remat(Transformer2D, c.remat)
-        self.resnets = [
-            Res(self.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
-            for _ in range(self.num_layers)
-        ]
-        if self.has_attention:
-            self.attentions = [
-                Tr(
-                    self.heads,
-                    self.out_channels // self.heads,
-                    self.transformer_layers,
-                    c.norm_num_groups,
-                    self.cross_attention,
-                    c.use_linear_projection,
-                    c.attention_impl,
-                    **kw,
-                )
-                for _ in range(self.num_layers)
-            ]
+        resnets, attentions = _block_layers(self)
+        self.resnets = resnets
+        if attentions:
+            self.attentions = attentions
         if self.add_downsample:
             self.downsamplers = [Downsample2D(self.out_channels, c.downsample_padding, **kw)]
 
@@ -287,26 +300,10 @@ class UNetUpBlock(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        Res = _maybe_remat(ResnetBlock2D, c.remat)
-        Tr = _maybe_remat(Transformer2D, c.remat)
-        self.resnets = [
-            Res(self.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
-            for _ in range(self.num_layers)
-        ]
-        if self.has_attention:
-            self.attentions = [
-                Tr(
-                    self.heads,
-                    self.out_channels // self.heads,
-                    self.transformer_layers,
-                    c.norm_num_groups,
-                    self.cross_attention,
-                    c.use_linear_projection,
-                    c.attention_impl,
-                    **kw,
-                )
-                for _ in range(self.num_layers)
-            ]
+        resnets, attentions = _block_layers(self)
+        self.resnets = resnets
+        if attentions:
+            self.attentions = attentions
         if self.add_upsample:
             self.upsamplers = [Upsample2D(self.out_channels, **kw)]
 
