@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         add_arguments(p)
         p.set_defaults(func=fn)
+    # Listed for --help only: main() hands its arguments to jaxcodec.evaluate's own parser.
+    sub.add_parser("evaluate", help="same arguments as `python -m jaxcodec.evaluate`")
     return parser
 
 
@@ -121,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     from jaxcodec.codec import CheckpointError
     from jaxcodec.entropy.container import BitstreamError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:  # its own parser owns every argument after the name
+        from jaxcodec.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

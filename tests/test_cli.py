@@ -116,3 +116,18 @@ def test_well_formed_files_with_garbage_streams_decode_or_fail_cleanly(codec):
             assert image.shape == (64, 64, 3) and image.dtype == np.uint8
             outcomes["image"] += 1
     assert sum(outcomes.values()) == 20
+
+
+def test_evaluate_subcommand_runs_the_evaluation_on_a_checkpoint(workdir, tmp_path):
+    """`jaxcodec evaluate` hands every argument to jaxcodec.evaluate: real files of a trained
+    checkpoint, results JSON in CompressAI's layout."""
+    import json
+
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.fromarray(photo(64, 96)).save(data / "a.png")
+    out = tmp_path / "out"
+    args = ["evaluate", "--checkpoint", str(workdir), "--data", str(data), "--out", str(out)]
+    assert cli.main([*args, "--metrics", "psnr"]) == 0
+    (result,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(result["results"]["bpp"]) == 1 and result["results"]["bpp"][0] > 0
