@@ -165,7 +165,8 @@ def test_config_overrides_reach_the_model():
     from jaxcodec.methods import get_method
 
     config = load_config(
-        "configs/hfd.py:tiny", ["model.N=24", "model.M=40", "--config.optimizer.lr=2e-5"]
+        "configs/hfd.py:tiny",
+        ["model.N=24", "model.M=40", "model.context_groups=(8,8,24)", "--config.optimizer.lr=2e-5"],
     )
     assert config.optimizer.lr == 2e-5
     method = get_method(config)
@@ -173,6 +174,12 @@ def test_config_overrides_reach_the_model():
     assert shapes["g_a"]["Conv_0"]["kernel"].shape[-1] == 24
     assert shapes["g_a"]["Conv_3"]["kernel"].shape[-1] == 40
     assert shapes["entropy_bottleneck"]["quantiles"].shape == (24, 1, 3)
+    # The ELIC context follows the overridden channel groups: one spatial model per group.
+    assert [shapes["context"][f"spatial_{i}"]["layer_0"]["kernel"].shape[2] for i in range(3)] == [
+        8,
+        8,
+        24,
+    ]
 
 
 def test_unknown_variant_and_bad_mesh_are_clear_errors():
