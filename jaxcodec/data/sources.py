@@ -7,6 +7,7 @@ worker processes can rebuild them.
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import os
 import warnings
@@ -49,12 +50,13 @@ class ImageSource(Sequence):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, index: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> np.ndarray:
+        """The decoded image `index`, uint8 HxWx3."""
 
+    @abc.abstractmethod
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of every image; used by the 'skip' small-image policy."""
-        raise NotImplementedError
 
 
 class InMemorySource(ImageSource):
