@@ -236,3 +236,31 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     assert 5 in Checkpointer(workdir).all_steps()
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["resumed_from"] == 3 and [h["step"] for h in summary["history"]] == [4, 5]
+
+
+def test_frozen_parameter_subsets_do_not_move():
+    """`optimizer.frozen` regexes freeze parameters; the quantiles follow their own (aux) rate."""
+    import jax.numpy as jnp
+
+    from jaxcodec.methods import get_method
+    from jaxcodec.train import make_optimizer, param_labels
+
+    config = small_config("optimizer.frozen=('g_a/.*',)")
+    method = get_method(config)
+    batch = method.dummy_batch(2)
+    batch["image"] = jnp.asarray(
+        np.random.default_rng(1).integers(0, 255, batch["image"].shape), jnp.uint8
+    )
+    params = method.init(jax.random.key(0), batch)["params"]
+    trainable = jax.tree.map(lambda _: True, params)
+    labels = param_labels(params, config.optimizer, trainable)
+    assert set(jax.tree.leaves(labels["g_a"])) == {"frozen"}
+    assert labels["entropy_bottleneck"]["quantiles"] == "aux"
+    assert labels["g_s"]["GDN_0"]["beta"] == "main"
+
+    tx = make_optimizer(config.optimizer, 10, trainable)
+    grads = jax.jit(jax.grad(lambda p: method.loss(p, batch, jax.random.key(2))[0]))(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    assert not any(jax.tree.leaves(moved["g_a"]))
+    assert all(jax.tree.leaves(moved["g_s"]))
