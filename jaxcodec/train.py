@@ -239,6 +239,42 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+# Fields a run cannot change when it resumes: they define the checkpoint's parameters.
+FIXED_ON_RESUME = ("method", "stage", "model")
+
+
+def _check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuses, with the differing fields named, to resume a workdir whose checkpoints were
+    trained with another model (orbax would fail later with a shape error, or worse not)."""
+    path = workdir / "config.json"
+    if not path.exists() or not (workdir / "checkpoints").is_dir():
+        return
+    saved = json.loads(path.read_text())
+    now = json.loads(config.to_json_best_effort())
+    diffs = []
+    for key in FIXED_ON_RESUME:
+        a, b = _flatten_json(saved.get(key), key), _flatten_json(now.get(key), key)
+        diffs += [
+            f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+            for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)
+        ]
+    if diffs:
+        raise ValueError(
+            f"{workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
+            "use a new --workdir or the original settings"
+        )
+
+
+def _flatten_json(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten_json(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -290,6 +326,7 @@ def train_and_evaluate(
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(config, workdir)
     _write_config(config, workdir)
     writer = _make_writer(workdir)
     total_steps = int(config.total_steps)

@@ -67,6 +67,10 @@ def test_eight_devices_match_one_device(tmp_path):
         resumed["history"][-1]["loss"], reference["history"][-1]["loss"], rtol=2e-5
     )
 
+    # Resuming with another model is refused up front, naming what differs.
+    with pytest.raises(ValueError, match=r"model.N: 16 -> 8"):
+        train_and_evaluate(small_config("total_steps=5", "model.N=8"), tmp_path / "one")
+
 
 _KILLED_RUN = textwrap.dedent(
     """
