@@ -121,3 +121,22 @@ def layer_norm(
 def constrain(x: jnp.ndarray, axes: tuple[str | None, ...]) -> jnp.ndarray:
     """Logical sharding constraint on an activation (a no-op without axis rules in scope)."""
     return nn.with_logical_constraint(x, axes)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class DtypeNames:
+    """Config mixin: `dtype` / `param_dtype` are stored as names (JSON-friendly) and read as
+    jnp dtypes through `compute_dtype` / `params_dtype`."""
+
+    dtype: str
+    param_dtype: str
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]

@@ -34,8 +34,6 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 def _per_block(value, n: int) -> tuple:
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -46,7 +44,7 @@ def _per_block(value, n: int) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(layers.DtypeNames):
     """diffusers ``UNet2DConditionModel`` config fields that the SD 2.x family uses.
 
     ``attention_head_dim`` keeps diffusers' historical meaning: the number of heads when
@@ -116,14 +114,6 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return _DTYPES[self.param_dtype]
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any], **overrides) -> UNetConfig:

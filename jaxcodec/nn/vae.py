@@ -21,12 +21,11 @@ from jaxcodec.nn import layers
 from jaxcodec.nn.attention import ATTENTION_IMPLS, SpatialSelfAttention
 from jaxcodec.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 VAE_EPS = 1e-6  # every GroupNorm in diffusers' Encoder/Decoder
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(layers.DtypeNames):
     """diffusers ``AutoencoderKL`` config fields (SD 2.1 values by default)."""
 
     in_channels: int = 3
@@ -56,14 +55,6 @@ class VAEConfig:
             raise ValueError(f"up_block_types must be {n} x UpDecoderBlock2D")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}")
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return _DTYPES[self.param_dtype]
 
     @property
     def downsample_factor(self) -> int:
@@ -101,6 +92,21 @@ def _resnet(c: VAEConfig):
     return nn.remat(ResnetBlock2D) if c.remat else ResnetBlock2D
 
 
+def _resnet_stack(c: VAEConfig, channels: int, n: int, x: jax.Array) -> jax.Array:
+    """`n` resnets named resnets_0..n-1 in the calling (compact) block, as in diffusers."""
+    Res = _resnet(c)
+    for i in range(n):
+        x = Res(
+            channels,
+            groups=c.norm_num_groups,
+            eps=VAE_EPS,
+            use_temb=False,
+            name=f"resnets_{i}",
+            **_kw(c),
+        )(x)
+    return x
+
+
 class VAEMidBlock(nn.Module):
     """``UNetMidBlock2D``: resnet, single-head spatial self-attention, resnet."""
 
@@ -130,16 +136,7 @@ class VAEDownBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        Res = _resnet(c)
-        for i in range(c.layers_per_block):
-            x = Res(
-                self.channels,
-                groups=c.norm_num_groups,
-                eps=VAE_EPS,
-                use_temb=False,
-                name=f"resnets_{i}",
-                **_kw(c),
-            )(x)
+        x = _resnet_stack(c, self.channels, c.layers_per_block, x)
         if self.add_downsample:
             x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **_kw(c))(x)
         return x
@@ -155,16 +152,7 @@ class VAEUpBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        Res = _resnet(c)
-        for i in range(c.layers_per_block + 1):
-            x = Res(
-                self.channels,
-                groups=c.norm_num_groups,
-                eps=VAE_EPS,
-                use_temb=False,
-                name=f"resnets_{i}",
-                **_kw(c),
-            )(x)
+        x = _resnet_stack(c, self.channels, c.layers_per_block + 1, x)
         if self.add_upsample:
             x = Upsample2D(self.channels, name="upsamplers_0", **_kw(c))(x)
         return x
