@@ -578,8 +578,9 @@ def preprocess(images: jnp.ndarray, config: VisionConfig) -> jnp.ndarray:
     centre-crop, normalise with the checkpoint's mean/std. ``images``: (B, H, W, 3) floats in
     [0, 1] (e.g. a decoder's output). Differentiable, so losses can reach the codec through CLIP.
 
-    Unlike open_clip (PIL on uint8 images) there is no rounding to 8 bits after the resize.
+    The resize matches PIL's bicubic filter (to ~1e-5 on float images); like PIL on open_clip's
+    8-bit images, the cubic's overshoot is clipped to [0, 1], but there is no rounding to 8 bits.
     """
-    x = resize_shortest(images, config.image_size)
+    x = jnp.clip(resize_shortest(images, config.image_size), 0.0, 1.0)
     x = center_crop(x, config.image_size)
     return normalize(x, config.mean, config.std)

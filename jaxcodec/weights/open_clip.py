@@ -146,40 +146,43 @@ _HF_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "c_fc": "fc1", "c_pro
 _HF_BLOCK |= {"attn": "self_attn"}
 
 
-def _transformers_spec(path: tuple[str, ...], shape, tower: str) -> _Spec:
+def _transformers_spec(path: tuple[str, ...], shape, root: str) -> _Spec:
     *modules, leaf = path
-    root = "text_model" if tower == "text" else "vision_model"
     if modules[:1] == ["transformer"]:
         _, block, *rest = modules
-        index = block.split("_")[1]
-        prefix = f"{root}.encoder.layers.{index}"
+        prefix = f"{root}encoder.layers.{block.split('_')[1]}"
         if rest[-1] == "in_proj":
             return _qkv(f"{prefix}.self_attn", leaf, shape)
         return _leaf_spec(".".join([prefix, *(_HF_BLOCK.get(m, m) for m in rest)]), leaf, shape)
-    embeddings = f"{root}.embeddings"
+    if not modules:  # positional_embedding, class_embedding
+        name = "position_embedding.weight" if leaf == "positional_embedding" else leaf
+        return _same(f"{root}embeddings.{name}", shape)
     names = {
-        ("token_embedding",): f"{embeddings}.token_embedding",
-        ("positional_embedding",): f"{embeddings}.position_embedding",
-        ("conv1",): f"{embeddings}.patch_embedding",
-        ("ln_final",): f"{root}.final_layer_norm",
-        ("ln_pre",): f"{root}.pre_layrnorm",  # sic: transformers' spelling
-        ("ln_post",): f"{root}.post_layernorm",
-        ("text_projection",): "text_projection",
-        ("proj",): "visual_projection",
+        "token_embedding": f"{root}embeddings.token_embedding",
+        "conv1": f"{root}embeddings.patch_embedding",
+        "ln_final": f"{root}final_layer_norm",
+        "ln_pre": f"{root}pre_layrnorm",  # sic: transformers' spelling
+        "ln_post": f"{root}post_layernorm",
+        "text_projection": "text_projection",
+        "proj": "visual_projection",
     }
-    if not modules and leaf == "positional_embedding":
-        return _same(f"{embeddings}.position_embedding.weight", shape)
-    if not modules and leaf == "class_embedding":
-        return _same(f"{embeddings}.class_embedding", shape)
-    return _leaf_spec(names[tuple(modules)], leaf, shape)
+    return _leaf_spec(names[modules[0]], leaf, shape)
+
+
+# transformers' bare CLIPTextModel / CLIPVisionModel (as saved since transformers 5) have no
+# text_model. / vision_model. prefix.
+_HF_BARE = ("embeddings.token_embedding.weight", "embeddings.patch_embedding.weight")
 
 
 def detect_naming(state: Mapping[str, Any]) -> str:
     hf = any(k.startswith(("text_model.", "vision_model.")) for k in state)
-    return "transformers" if hf else "open_clip"
+    return "transformers" if hf or any(k in state for k in _HF_BARE) else "open_clip"
 
 
-def _tower_prefix(state: Mapping[str, Any], tower: str) -> str:
+def _tower_prefix(state: Mapping[str, Any], tower: str, naming: str) -> str:
+    if naming == "transformers":
+        root = "text_model." if tower == "text" else "vision_model."
+        return root if any(k.startswith(root) for k in state) else ""
     if tower == "vision":
         return "visual." if any(k.startswith("visual.") for k in state) else ""
     return "text." if "text.token_embedding.weight" in state else ""
@@ -190,9 +193,10 @@ def _belongs(key: str, tower: str, naming: str, prefix: str) -> bool:
     if _NON_PARAMS.match(key):
         return False
     if naming == "transformers":
-        if tower == "text":
-            return key.startswith("text_model.") or key == "text_projection.weight"
-        return key.startswith("vision_model.") or key == "visual_projection.weight"
+        if not prefix:  # a bare one-tower model
+            return True
+        projection = "text_projection.weight" if tower == "text" else "visual_projection.weight"
+        return key.startswith(prefix) or key == projection
     if prefix:
         return key.startswith(prefix)
     other = "visual." if tower == "text" else "text."
@@ -204,7 +208,7 @@ def _specs(template, tower: str, naming: str, prefix: str, proj_bias: bool):
         if naming == "open_clip":
             yield path, leaf, _open_clip_spec(path, leaf.shape, prefix, proj_bias)
         else:
-            yield path, leaf, _transformers_spec(path, leaf.shape, tower)
+            yield path, leaf, _transformers_spec(path, leaf.shape, prefix)
 
 
 def tower_params(
@@ -222,7 +226,7 @@ def tower_params(
     naming = naming or detect_naming(state)
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
-    prefix = _tower_prefix(state, tower) if naming == "open_clip" else ""
+    prefix = _tower_prefix(state, tower, naming)
     template = text_param_shapes(config) if tower == "text" else vision_param_shapes(config)
     proj_bias = getattr(config, "proj_bias", False)
     dtype = config.params_dtype if dtype is None else dtype
@@ -261,7 +265,9 @@ def to_state_dict(
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
     state: dict[str, np.ndarray] = {}
-    for tower, params, prefix in (("text", text_params, ""), ("vision", vision_params, "visual.")):
+    prefixes = ("", "visual.") if naming == "open_clip" else ("text_model.", "vision_model.")
+    towers = (("text", text_params, prefixes[0]), ("vision", vision_params, prefixes[1]))
+    for tower, params, prefix in towers:
         if params is None:
             continue
         cfg = config.text if tower == "text" else config.vision
@@ -437,3 +443,22 @@ def save(
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(cfg, indent=2))
     state = to_state_dict(config, text_params, vision_params, dtype=dtype)
     write_safetensors(state, folder / WEIGHT_NAMES[0])
+
+
+def checkpoint_shapes(config: CLIPConfig, naming: str = "open_clip") -> dict[str, tuple[int, ...]]:
+    """Every key (and torch shape) a checkpoint of ``config``'s towers holds in ``naming``'s
+    ``CLIP``/``CLIPModel`` layout, from ``jax.eval_shape`` alone (nothing allocated)."""
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {NAMINGS}, got {naming!r}")
+    prefixes = ("", "visual.") if naming == "open_clip" else ("text_model.", "vision_model.")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tower, cfg, prefix in (
+        ("text", config.text, prefixes[0]),
+        ("vision", config.vision, prefixes[1]),
+    ):
+        if cfg is None:
+            continue
+        template = text_param_shapes(cfg) if tower == "text" else vision_param_shapes(cfg)
+        for _, _, spec in _specs(template, tower, naming, prefix, getattr(cfg, "proj_bias", False)):
+            shapes.update(zip(spec.keys, spec.shapes, strict=True))
+    return shapes
