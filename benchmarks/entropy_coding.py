@@ -124,7 +124,7 @@ def elic_decode_breakdown(image: np.ndarray, repeats: int) -> dict:
 
     import jax
 
-    from jaxcodec.codec import load_codec, write_checkpoint
+    from jaxcodec.codec import load_codec, save_codec
     from jaxcodec.methods import get_method
 
     spec = importlib.util.spec_from_file_location("hfd_config", ROOT / "configs" / "hfd.py")
@@ -136,7 +136,7 @@ def elic_decode_breakdown(image: np.ndarray, repeats: int) -> dict:
     method = get_method(config)
     params = jax.jit(lambda k: method.init(k, method.dummy_batch(1)))(jax.random.key(0))
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(tmp, config, params["params"], step=1)
+        save_codec(tmp, config, params["params"], step=1)
         codec = load_codec(tmp)
     data = codec.compress(image)
     codec.decompress(data)  # JIT warm-up

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxcodec.cli import decompress_file  # noqa: E402
-from jaxcodec.codec import load_codec, write_checkpoint  # noqa: E402
+from jaxcodec.codec import load_codec, save_codec  # noqa: E402
 from jaxcodec.entropy import container, fuzz  # noqa: E402
 from jaxcodec.entropy.container import BitstreamError  # noqa: E402
 
@@ -43,7 +43,7 @@ def tiny_workdir(path: Path) -> Path:
     config.data.crop_size = 64
     method = get_method(config)
     params = method.init(jax.random.key(0), method.dummy_batch(1))["params"]
-    write_checkpoint(path, config, params, step=1)
+    save_codec(path, config, params, step=1)
     return path
 
 

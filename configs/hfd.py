@@ -21,14 +21,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.method = "hfd"
     c.stage = 1
+    c.init_from = ""  # workdir (or codec bundle) of the previous stage
     c.seed = 0
 
     # --- Model: stage 1 is a hyperprior autoencoder with, as in HFD, an ELIC-style entropy
     # model ('elic': checkerboard + channel-group context over context_groups, channel counts
-    # summing to M, empty = the default for M) or a plain mean–scale one ('hyperprior').
-    # Inputs are padded to a multiple of stride.
+    # summing to M, empty = the default for M) or a plain mean–scale one ('hyperprior'). The
+    # hyper latent has a factorized prior, or 'vq': indices of a num_codes codebook.
     c.model = ml_collections.ConfigDict(
-        dict(N=128, M=192, stride=64, entropy_model="elic", context_groups=())
+        dict(
+            N=128,
+            M=192,
+            entropy_model="elic",
+            context_groups=(),
+            hyper="factorized",
+            num_codes=16384,
+        )
     )
     # R + λ·255²·MSE; λ sets the rate point (CompressAI's scale: 0.0018 ≈ 0.1 bpp on Kodak).
     c.loss = ml_collections.ConfigDict(dict(lmbda=0.0035))

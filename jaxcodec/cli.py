@@ -1,8 +1,9 @@
-"""Command line: `jaxcodec compress IN.png OUT.jxc --checkpoint WORKDIR`,
-`jaxcodec decompress IN.jxc OUT.png --checkpoint WORKDIR`.
+"""Command line: `jaxcodec compress IN.png OUT.jxc --checkpoint MODEL`,
+`jaxcodec decompress IN.jxc OUT.png --checkpoint MODEL`, `jaxcodec export --checkpoint WORKDIR`.
 
-Subcommands register themselves in `SUBCOMMANDS`; others (evaluate, convert-weights) plug in
-the same way. Outputs are written to a temporary file in the target folder and renamed only
+MODEL is a codec bundle (`.safetensors`) or a finished training workdir (its
+`codec.safetensors`). Subcommands register themselves in `SUBCOMMANDS`; others plug in the
+same way. Outputs are written to a temporary file in the target folder and renamed only
 on success, so a failed run never leaves a partial or stale output behind.
 """
 
@@ -77,18 +78,69 @@ def decompress_file(codec, src: str | Path, dst: str | Path) -> np.ndarray:
     return image
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="codec bundle (.safetensors) or finished training workdir",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field of the model, e.g. a local path of pretrained weights "
+        "(their digest is still checked)",
+    )
+
+
 def _codec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--checkpoint", required=True, help="training workdir (config + checkpoints)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    _model_args(p)
 
 
-@subcommand("compress", _codec_args)
+def _parse_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r} is not NAME=VALUE")
+        options[key] = float(value)
+    return options
+
+
+def _compress_args(p: argparse.ArgumentParser) -> None:
+    _codec_args(p)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="decode setting stored in the file (e.g. steps=4, seed=3, guidance=1.5)",
+    )
+
+
+def _decompress_args(p: argparse.ArgumentParser) -> None:
+    from jaxcodec.codec import DEFAULT_MAX_PIXELS
+
+    _codec_args(p)
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse files declaring larger images (default {DEFAULT_MAX_PIXELS:,})",
+    )
+
+
+@subcommand("compress", _compress_args)
 def _compress(args) -> int:
     from jaxcodec.codec import load_codec
 
-    codec = load_codec(args.checkpoint, step=args.step)
+    codec = load_codec(
+        args.checkpoint, overrides=args.overrides, options=_parse_options(args.option)
+    )
     r = compress_file(codec, args.input, args.output)
     print(
         f"{args.output}: {r['bytes']} bytes, {r['bpp']:.4f} bpp "
@@ -97,13 +149,29 @@ def _compress(args) -> int:
     return 0
 
 
-@subcommand("decompress", _codec_args)
+@subcommand("decompress", _decompress_args)
 def _decompress(args) -> int:
     from jaxcodec.codec import load_codec
 
-    codec = load_codec(args.checkpoint, step=args.step)
+    codec = load_codec(args.checkpoint, overrides=args.overrides, max_pixels=args.max_pixels)
     image = decompress_file(codec, args.input, args.output)
     print(f"{args.output}: {image.shape[1]}x{image.shape[0]}")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", nargs="?", default=None, help="default: WORKDIR/codec.safetensors")
+    p.add_argument("--checkpoint", required=True, help="training workdir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+@subcommand("export", _export_args)
+def _export(args) -> int:
+    """Writes the portable codec bundle of a training checkpoint."""
+    from jaxcodec.codec import export
+
+    path = export(args.checkpoint, args.output, step=args.step)
+    print(f"{path}: codec bundle of {args.checkpoint} ({path.stat().st_size:,} bytes)")
     return 0
 
 
@@ -120,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxcodec.codec import CheckpointError
+    from jaxcodec.checkpoint import CheckpointError
     from jaxcodec.entropy.container import BitstreamError
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,13 +1,18 @@
-"""Image codecs over trained checkpoints: uint8 images ↔ `.jxc` bytes.
+"""Image codecs over trained models: uint8 images ↔ `.jxc` bytes.
 
-`load_codec(workdir)` reads the resolved config, the final EMA parameters and the integer
-entropy tables stored with the checkpoint (never rebuilt here), and wraps the method's
-host-side `compress` / `decompress` with padding, cropping and the container.
+`load_codec(path)` reads a codec bundle (`jaxcodec.checkpoint`: EMA parameters, model state,
+integer entropy tables, previous stages' models, never optimiser state), loads the method's
+pretrained frozen parts from their sources and checks their digests, and wraps the method's
+`BitstreamCoder` with padding, cropping, header options, the decoder's budget and the container.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,53 +20,166 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxcodec.checkpoint import (
+    CODEC_FILE,
+    Checkpointer,
+    CheckpointError,
+    CodecBundle,
+    bundle_path,
+    check_frozen_identity,
+    load_bundle,
+    read_frozen_record,
+    save_bundle,
+    tree_digest,
+)
 from jaxcodec.entropy import container
 from jaxcodec.entropy.coder import CodingError
 from jaxcodec.entropy.container import BitstreamError
+from jaxcodec.methods import Method, Variables, get_method
+from jaxcodec.methods.base import pad_to_multiple, padded_size
+
+# Decoders refuse files that declare more pixels than this (≈ 8K UHD) unless told otherwise:
+# a forged header must not make a decoder allocate what the machine does not have.
+DEFAULT_MAX_PIXELS = 1 << 25
+PREVIOUS_STAGE_FILE = "previous_stage.safetensors"
 
 
-class CheckpointError(RuntimeError):
-    """The workdir has no usable checkpoint for coding (missing, unfinished, no tables)."""
+# ---------------------------------------------------------------------------------------------
+# Frozen parts and stages
+# ---------------------------------------------------------------------------------------------
 
 
-def model_hash(method_name: str, model_config: Any, params: Any, tables: Any) -> bytes:
-    """SHA-256 over the method, its model config, the parameters and the entropy tables: the
-    identity a file is tied to (a different checkpoint cannot decode it)."""
+def load_frozen(
+    method: Method, stage_frozen: Mapping[str, Any], stage_source: str = ""
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The method's frozen variables (pretrained parts loaded from their sources, plus previous
+    stages' models) as host arrays, and the identity of each: source and SHA-256."""
+    frozen, identity = {}, {}
+    for name, part in method.pretrained().items():
+        frozen[name] = jax.tree.map(np.asarray, part.load())
+        identity[name] = {"source": part.source, "sha256": tree_digest(frozen[name])}
+    for name, tree in stage_frozen.items():
+        if name in frozen:
+            raise ValueError(f"frozen part {name!r} is both pretrained and from a previous stage")
+        frozen[name] = jax.tree.map(np.asarray, tree)
+        identity[name] = {"source": stage_source, "sha256": tree_digest(tree), "bundled": True}
+    return frozen, identity
+
+
+def previous_stage(config: ml_collections.ConfigDict, workdir: Path) -> CodecBundle | None:
+    """The model a stage starts from (`config.init_from`). Its bundle is copied into the
+    workdir when the stage starts, so resuming never depends on the other workdir."""
+    local = workdir / PREVIOUS_STAGE_FILE
+    if local.is_file():
+        return load_bundle(local)
+    if not config.get("init_from"):
+        return None
+    source = bundle_path(config.init_from)
+    bundle = load_bundle(source)
+    if jax.process_index() == 0:
+        tmp = local.with_name(f".{local.name}.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(local)
+    return bundle
+
+
+def stage_start(method: Method, config, workdir: Path):
+    """(StageStart, previous bundle or None) of a run in `workdir`."""
+    from jaxcodec.methods import StageStart
+
+    previous = previous_stage(config, workdir)
+    if previous is None:
+        return StageStart(), None
+    return method.init_from(previous), previous
+
+
+def build_bundle(
+    method: Method,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    state: Any,
+    stage_frozen: Mapping[str, Any],
+    frozen_identity: dict[str, dict],
+    step: int,
+) -> CodecBundle:
+    """A codec bundle from final host variables; builds the integer entropy tables (from the
+    trained variables only: params, state and previous stages' models)."""
+    params, state = jax.tree.map(np.asarray, (params, state))
+    tables = method.entropy_tables(Variables(params, state, dict(stage_frozen)))
+    return CodecBundle(
+        config=config,
+        params=params,
+        state=state,
+        tables=tables,
+        frozen=dict(stage_frozen),
+        frozen_identity=frozen_identity,
+        step=step,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The codec
+# ---------------------------------------------------------------------------------------------
+
+
+def model_hash(
+    method_name: str, model_config: Any, params, state, tables, frozen_identity: dict
+) -> bytes:
+    """SHA-256 over the method, its model config, the trained variables, the entropy tables and
+    the frozen parts' digests: the identity a file is tied to."""
     h = hashlib.sha256()
     h.update(method_name.encode())
     h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
-    for tree in (params, tables):
-        leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-        for path, leaf in leaves:
-            a = np.ascontiguousarray(np.asarray(leaf))
-            h.update(jax.tree_util.keystr(path).encode())
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
+    for tree in (params, state, tables):
+        h.update(tree_digest(tree).encode())
+    digests = {k: v["sha256"] for k, v in frozen_identity.items()}
+    h.update(json.dumps(digests, sort_keys=True).encode())
     return h.digest()
-
-
-def pad_image(image: np.ndarray, multiple: int) -> np.ndarray:
-    """Edge padding to a multiple of the model's stride (cropped back after decoding)."""
-    h, w = image.shape[:2]
-    return np.pad(image, ((0, (-h) % multiple), (0, (-w) % multiple), (0, 0)), mode="edge")
 
 
 class MethodCodec:
     """An image codec (evaluation's `ImageCodec` interface: `name`, `compress`, `decompress`,
-    `timings` in seconds) over any method that implements `compress` / `decompress` /
-    `num_streams` / `stride`."""
+    `timings` in seconds) over a method's `BitstreamCoder`."""
 
-    def __init__(self, method, params, tables, *, name: str, options: dict | None = None):
-        for attr in ("compress", "decompress", "num_streams", "stride"):
-            if not hasattr(method, attr):
-                raise CheckpointError(
-                    f"method {method.name!r} stage {method.stage} has no bitstream support"
-                )
-        self.method, self.params, self.tables = method, params, tables
+    def __init__(
+        self,
+        method: Method,
+        variables: Variables,
+        tables,
+        *,
+        name: str,
+        frozen_identity: dict | None = None,
+        options: Mapping[str, Any] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        coder = method.coder
+        if coder is None or tables is None:
+            raise CheckpointError(
+                f"method {method.name!r} stage {method.stage} writes no bitstream"
+            )
+        self.method, self.coder = method, coder
+        self.variables, self.tables = variables, tables
         self.name = name
-        self.options = {k: container.option_value(v, k) for k, v in (options or {}).items()}
-        model_cfg = method.config.model.to_dict() if hasattr(method.config, "model") else {}
-        self.hash = model_hash(method.name, model_cfg, params, tables)
+        self.max_pixels = int(max_pixels)
+        declared = coder.options()
+        unknown = set(options or {}) - set(declared)
+        if unknown:
+            raise ValueError(
+                f"{method.name} stage {method.stage} has no decode option(s) {sorted(unknown)}; "
+                f"it takes {sorted(declared) or 'none'}"
+            )
+        self.options = {
+            k: container.option_value(v, k) for k, v in {**declared, **(options or {})}.items()
+        }
+        model_cfg = method.config.model.to_dict() if "model" in method.config else {}
+        self.hash = model_hash(
+            method.name,
+            model_cfg,
+            variables.params,
+            variables.state,
+            tables,
+            frozen_identity or {},
+        )
         self.timings: dict[str, float] = {}
         self.last_info: dict[str, Any] = {}
 
@@ -75,9 +193,8 @@ class MethodCodec:
             raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
         h, w = image.shape[:2]
         t0 = time.perf_counter()
-        streams, info = self.method.compress(
-            self.params, self.tables, pad_image(image, self.method.stride)
-        )
+        padded = pad_to_multiple(image, self.coder.stride)
+        streams, info = self.coder.compress(self.variables, self.tables, padded, self.options)
         header = container.Header(h, w, self.hash[: container.MODEL_ID_BYTES], self.options)
         data = container.pack(header, streams, self.hash)
         self.timings = {"encode": time.perf_counter() - t0}
@@ -85,13 +202,24 @@ class MethodCodec:
         self.last_info = info
         return data
 
+    def _unpack(self, data: bytes) -> tuple[container.Header, list[bytes]]:
+        return container.unpack(
+            data,
+            self.hash,
+            num_streams=self.coder.num_streams,
+            options=self.options.keys(),
+            max_pixels=self.max_pixels,
+        )
+
     def decompress(self, data: bytes) -> np.ndarray:
         t0 = time.perf_counter()
-        header, streams = container.unpack(data, self.hash, num_streams=self.method.num_streams)
-        s = self.method.stride
-        hw = (-(-header.height // s) * s, -(-header.width // s) * s)
+        header, streams = self._unpack(data)
+        hw = padded_size((header.height, header.width), self.coder.stride)
+        rng = jax.random.key(int(header.options.get("seed", 0)))
         try:
-            image, info = self.method.decompress(self.params, self.tables, streams, hw)
+            image, info = self.coder.decompress(
+                self.variables, self.tables, streams, hw, header.options, rng
+            )
         except (CodingError, ArithmeticError) as exc:  # garbage that passed the checksum
             raise BitstreamError(f"undecodable stream: {exc}") from None
         self.timings = {"decode": time.perf_counter() - t0}
@@ -99,83 +227,124 @@ class MethodCodec:
         self.last_info = info
         return np.ascontiguousarray(image[: header.height, : header.width])
 
+    def decompress_batch(self, files: Sequence[bytes]) -> list[np.ndarray]:
+        """Decodes files of one padded size and the same options together."""
+        parsed = [self._unpack(d) for d in files]
+        s = self.coder.stride
+        sizes = {padded_size((h.height, h.width), s) for h, _ in parsed}
+        options = {json.dumps(h.options, sort_keys=True) for h, _ in parsed}
+        if len(sizes) != 1 or len(options) != 1:
+            raise ValueError("decompress_batch needs files of one padded size and options")
+        head = parsed[0][0]
+        images = self.coder.decompress_batch(
+            self.variables,
+            self.tables,
+            [streams for _, streams in parsed],
+            sizes.pop(),
+            head.options,
+            jax.random.key(int(head.options.get("seed", 0))),
+        )
+        return [im[: h.height, : h.width] for im, (h, _) in zip(images, parsed, strict=True)]
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: not a training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """`key.sub=value` strings (values parsed as JSON when they parse, else strings): e.g. a
+    local path of pretrained weights on the decoding machine."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
 
 
-def load_codec(workdir: str | Path, *, step: int | None = None) -> MethodCodec:
-    """The codec of the latest (or given) checkpoint in a training workdir."""
-    import orbax.checkpoint as ocp
+def load_codec(
+    path: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    options: Mapping[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> MethodCodec:
+    """The codec of a bundle file or of a workdir's final bundle (`codec.safetensors`)."""
+    source = bundle_path(path)
+    bundle = load_bundle(source)
+    _apply_overrides(bundle.config, overrides)
+    method = get_method(bundle.config)
+    frozen, identity = load_frozen(method, bundle.frozen, f"{source} (bundled)")
+    check_frozen_identity(bundle.frozen_identity, identity, f"the model in {source}")
+    variables = Variables(bundle.params, bundle.state, frozen)
+    cfg = bundle.config
+    name = f"{cfg.method}-{cfg.get('variant', '')}-step{bundle.step}".replace("--", "-")
+    return MethodCodec(
+        method,
+        variables,
+        bundle.tables,
+        name=name,
+        frozen_identity=bundle.frozen_identity,
+        options=options,
+        max_pixels=max_pixels,
+    )
 
-    from jaxcodec.checkpoint import ENTROPY_TABLES, STATE, Checkpointer
-    from jaxcodec.methods import get_method
+
+def decompress_batch(codec: MethodCodec, files: list[bytes]) -> list[np.ndarray]:
+    return codec.decompress_batch(files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing bundles
+# ---------------------------------------------------------------------------------------------
+
+
+def export(workdir: str | Path, out: str | Path | None = None, *, step: int | None = None) -> Path:
+    """Writes the codec bundle of a training checkpoint (default: the latest) — restorable on
+    any device or host count; the optimiser state is never read."""
+    from jaxcodec.configlib import load_workdir_config
 
     workdir = Path(workdir)
-    config = load_config(workdir)
+    config = load_workdir_config(workdir)
+    method = get_method(config)
     if not (workdir / "checkpoints").is_dir():
         raise CheckpointError(f"no checkpoints in {workdir}")
     ckpt = Checkpointer(workdir, async_save=False)
     step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoints in {workdir}")
-    if ENTROPY_TABLES not in ckpt.item_names(step):
-        raise CheckpointError(
-            f"checkpoint {step} in {workdir} has no entropy tables: they are stored with the "
-            "final checkpoint, when training reaches total_steps"
-        )
-    restored = ckpt.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardRestore(), ENTROPY_TABLES: ocp.args.StandardRestore()}
-        ),
-    )
+    if step is None or step not in ckpt.all_steps():
+        ckpt.close()
+        raise CheckpointError(f"no checkpoint {step if step is not None else ''} in {workdir}")
+    host = ckpt.restore_host(step, ("ema_params", "model_state"))
     ckpt.close()
-    method = get_method(config)
-    params = jax.tree.map(np.asarray, restored[STATE]["ema_params"])
-    tables = jax.tree.map(np.asarray, restored[ENTROPY_TABLES])
-    name = f"{config.method}-{config.get('variant', '')}-step{step}".replace("--", "-")
-    return MethodCodec(method, params, tables, name=name)
-
-
-def decompress_batch(codec: MethodCodec, files: list[bytes]) -> list[np.ndarray]:
-    """Decodes files of one padded size together (batched synthesis on the device)."""
-    parsed = [container.unpack(d, codec.hash, num_streams=codec.method.num_streams) for d in files]
-    s = codec.method.stride
-    sizes = {(-(-h.height // s) * s, -(-h.width // s) * s) for h, _ in parsed}
-    if len(sizes) != 1:
-        raise ValueError("decompress_batch needs files of one padded size")
-    images = codec.method.decompress_batch(
-        codec.params, codec.tables, [streams for _, streams in parsed], sizes.pop()
+    start, previous = stage_start(method, config, workdir)
+    identity = read_frozen_record(workdir) or {}
+    bundle = build_bundle(
+        method, config, host["ema_params"], host["model_state"], start.frozen, identity, step
     )
-    return [im[: h.height, : h.width] for im, (h, _) in zip(images, parsed, strict=True)]
+    return save_bundle(out or workdir / CODEC_FILE, bundle)
 
 
-def write_checkpoint(workdir: str | Path, config: ml_collections.ConfigDict, params, step: int):
-    """Writes `params` as a final checkpoint in the training loop's format (config.json, train
-    state with EMA = params, entropy tables built from them) — e.g. for converted weights."""
-    import jax.numpy as jnp
-    import optax
-
-    from jaxcodec.checkpoint import ENTROPY_TABLES, Checkpointer
-    from jaxcodec.methods import get_method
-    from jaxcodec.train import TrainState
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+def save_codec(
+    path: str | Path,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    state: Any = None,
+    *,
+    step: int = 0,
+    stage_frozen: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a bundle for given variables (e.g. converted weights); a directory `path` gets
+    `codec.safetensors` and `config.json`, like a finished training workdir."""
+    path = Path(path)
     method = get_method(config)
-    state = TrainState(
-        step=jnp.asarray(step, jnp.int32),
-        params=params,
-        ema_params=params,
-        opt_state=optax.set_to_zero().init(params),
-        nonfinite_streak=jnp.zeros((), jnp.int32),
-        nonfinite_total=jnp.zeros((), jnp.int32),
-    )
-    ckpt = Checkpointer(workdir, async_save=False)
-    ckpt.save(step, state, extra={ENTROPY_TABLES: method.entropy_tables(params)})
-    ckpt.close()
+    stage_frozen = dict(stage_frozen or {})
+    _, identity = load_frozen(method, stage_frozen, "save_codec")
+    bundle = build_bundle(method, config, params, state or {}, stage_frozen, identity, step)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        path = path / CODEC_FILE
+    return save_bundle(path, bundle)

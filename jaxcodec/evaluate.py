@@ -338,7 +338,7 @@ def plot_rd(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _load_checkpoint_codec(workdir: str) -> ImageCodec:
+def _load_checkpoint_codec(path: str) -> ImageCodec:
     try:
         from jaxcodec.codec import load_codec
     except ImportError as e:
@@ -346,7 +346,7 @@ def _load_checkpoint_codec(workdir: str) -> ImageCodec:
             f"--checkpoint needs jaxcodec.codec.load_codec, which could not be imported ({e}). "
             "Evaluate classical codecs with --codec until it is available."
         ) from e
-    return load_codec(workdir)
+    return load_codec(path)
 
 
 def _parse_values(text: str | None) -> list[float] | None:
@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--checkpoint",
         nargs="+",
-        metavar="WORKDIR",
-        help="trained jaxcodec workdirs, one rate point each",
+        metavar="MODEL",
+        help="codec bundles or finished training workdirs, one rate point each",
     )
     src.add_argument(
         "--codec",

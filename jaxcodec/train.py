@@ -1,15 +1,21 @@
 """Training entry point: `python -m jaxcodec.train --config configs/hfd.py:tiny --workdir DIR`.
 
-Sections, in order: data → model shapes → mesh and shardings → jitted init (or restore) →
-jitted train step → loop (metrics, evaluation, checkpoints, non-finite guard).
+Sections, in order: data → model shapes → previous stage and frozen parts → mesh and shardings
+→ jitted init (or restore) → jitted train step → loop (metrics, evaluation, checkpoints,
+non-finite guard) → codec bundle and real files.
+
+The console shows one line per log interval and the final result; everything libraries log
+(orbax, clu, absl) goes to `WORKDIR/train.log`.
 """
 
+import contextlib
 import functools
 import json
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +26,25 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
 from jaxcodec import sharding as shd
-from jaxcodec.checkpoint import ENTROPY_TABLES, Checkpointer, abstract_like
-from jaxcodec.methods import Method, get_method
-from jaxcodec.methods.base import to_float
+from jaxcodec.checkpoint import (
+    CODEC_FILE,
+    FROZEN_FILE,
+    Checkpointer,
+    TrainState,
+    abstract_like,
+    check_frozen_identity,
+    read_frozen_record,
+    save_bundle,
+)
+from jaxcodec.codec import build_bundle, load_frozen, stage_start
+from jaxcodec.methods import Method, Variables, get_method
+from jaxcodec.methods.base import pad_to_multiple, to_float
 
 
 class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    nonfinite_streak: jax.Array  # consecutive skipped steps
-    nonfinite_total: jax.Array  # all skipped steps of the run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,17 +117,26 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(
     state: TrainState,
+    frozen: Any,
     batch: dict[str, jax.Array],
     *,
     method: Method,
     tx: optax.GradientTransformation,
     base_key: jax.Array,
     ema_decay: float,
+    labels: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step; a step whose loss or gradients are not finite changes nothing but
-    the counters (the batch is still consumed, so the data order never depends on it)."""
+    """One optimiser step. Only the trainable params are differentiated (frozen parts get no
+    gradient computation at all); the mutable model state is what the loss returns. A step whose
+    loss or gradients are not finite changes nothing but the counters (the batch is still
+    consumed, so the data order never depends on it)."""
     key = jax.random.fold_in(base_key, state.step)
-    (loss, metrics), grads = jax.value_and_grad(method.loss, has_aux=True)(state.params, batch, key)
+
+    def loss_fn(params):
+        loss, metrics, model_state = method.loss(params, frozen, state.model_state, batch, key)
+        return loss, (metrics, model_state)
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -136,10 +150,15 @@ def train_step(
         params=keep(params, state.params),
         ema_params=keep(ema, state.ema_params),
         opt_state=keep(opt_state, state.opt_state),
+        model_state=keep(model_state, state.model_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), step_finite=finite)
+    # Parameters frozen by regex get gradients but no updates: leave them out of the norm.
+    if labels is not None:
+        pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(labels), strict=True)
+        grads = [g for g, lab in pairs if lab != "frozen"]
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), step_finite=finite)
     return new_state, metrics
 
 
@@ -149,8 +168,8 @@ def train_step(
 
 
 def host_params(tree: Any) -> Any:
-    """The full value of (possibly sharded, multi-host) parameters as numpy arrays on every
-    process: evaluation and table building run per process, outside the mesh."""
+    """The full value of (possibly sharded, multi-host) arrays as numpy on every process (a
+    collective: every process must call it)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
@@ -158,44 +177,38 @@ def host_params(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
-    """Edge-pads an HxWxC image so both sides are multiples of `multiple`."""
-    h, w = image.shape[:2]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="edge")
+class Evaluator:
+    """Per-image metrics of the EMA model on full images, on the training mesh: compiled once
+    per image size, with the parameters where training keeps them (nothing re-uploaded)."""
 
+    def __init__(self, method: Method, mesh, seed: int):
+        self.mesh = mesh
+        self.key = jax.random.key(seed)
+        self._fn = jax.jit(method.evaluate, static_argnums=2, out_shardings=shd.replicated(mesh))
 
-def evaluate(
-    method: Method, params: Any, images: list[tuple[str, np.ndarray]], stride: int
-) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Mean metrics over full images (padded inside, measured on the original region)."""
-    fn = jax.jit(method.evaluate, static_argnums=2)
-    per_image, recons = [], []
-    for _, image in images:
-        h, w = image.shape[:2]
-        x = to_float(jnp.asarray(pad_to_multiple(image, stride)[None]))
-        metrics, recon = fn(params, x, (h, w))
-        per_image.append(jax.device_get(metrics))
-        recons.append(np.asarray(recon[0]))
-    mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
-    return mean, recons
+    def __call__(
+        self, variables: Variables, images: list[tuple[str, np.ndarray]], stride: int
+    ) -> tuple[dict[str, float], list[np.ndarray]]:
+        per_image, recons = [], []
+        replicated = shd.replicated(self.mesh)
+        for i, (_, image) in enumerate(images):
+            h, w = image.shape[:2]
+            x = np.asarray(to_float(pad_to_multiple(image, stride)[None]))
+            x = jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
+            metrics, recon = self._fn(variables, x, (h, w), jax.random.fold_in(self.key, i))
+            per_image.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
+            recons.append(np.asarray(recon.addressable_data(0))[0])
+        mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+        return mean, recons
 
 
 def real_file_evaluation(
-    method: Method,
-    params: Any,
-    tables: Any,
-    images: list[tuple[str, np.ndarray]],
-    out_dir: Path,
-    num_decoded_saved: int = 2,
+    codec, images: list[tuple[str, np.ndarray]], out_dir: Path, num_decoded_saved: int = 2
 ) -> dict[str, float]:
     """Compresses each image to a real `.jxc` file and decodes it again: bpp from file sizes
     (header included), PSNR of the decoded 8-bit image."""
     from PIL import Image
 
-    from jaxcodec.codec import MethodCodec
-
-    codec = MethodCodec(method, params, tables, name=method.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     bpps, psnrs = [], []
     for i, (name, image) in enumerate(images):
@@ -239,8 +252,35 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@contextlib.contextmanager
+def _library_log(workdir: Path):
+    """Sends absl/Python logging (orbax, clu, jax, our own details) to WORKDIR/train.log for
+    the duration of a run, so the console keeps the project's own lines."""
+    import logging as pylogging
+
+    handler = logging.get_absl_handler()
+    stream = open(workdir / "train.log", "a", buffering=1)  # noqa: SIM115
+    previous = handler.python_handler.stream
+    handler.python_handler.setStream(stream)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.INFO)
+    pylogging.captureWarnings(True)
+    try:
+        yield workdir / "train.log"
+    finally:
+        pylogging.captureWarnings(False)
+        logging.set_verbosity(verbosity)
+        handler.python_handler.setStream(previous)
+        stream.close()
+
+
+def _console(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
 # Fields a run cannot change when it resumes: they define the checkpoint's parameters.
-FIXED_ON_RESUME = ("method", "stage", "model")
+FIXED_ON_RESUME = ("method", "stage", "model", "init_from")
 
 
 def _check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -264,6 +304,15 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: Path) -> None:
             f"{workdir} holds checkpoints of another model ({'; '.join(diffs)}); "
             "use a new --workdir or the original settings"
         )
+
+
+def _check_frozen(workdir: Path, identity: dict[str, dict]) -> None:
+    """A resume with other frozen weights is refused; a new run records its frozen parts."""
+    recorded = read_frozen_record(workdir)
+    if recorded is not None and (workdir / "checkpoints").is_dir():
+        check_frozen_identity(recorded, identity, f"the checkpoints in {workdir}")
+    if jax.process_index() == 0:
+        (workdir / FROZEN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def _flatten_json(value: Any, prefix: str) -> dict[str, Any]:
@@ -304,6 +353,55 @@ def _eval_images(config: ml_collections.ConfigDict) -> list[tuple[str, np.ndarra
     return load_eval_images(config.eval_data, max_images=config.eval_data.get("max_images"))
 
 
+def merge_params(init: Any, loaded: Any, path: str = "") -> Any:
+    """`init` with the subtrees of `loaded` put in place; a key `init` lacks or a shape that
+    differs is an error naming the parameter (boxed logical-axis leaves keep their axes)."""
+    if loaded is None:
+        return init
+    if isinstance(loaded, dict):
+        if not isinstance(init, dict):
+            raise ValueError(f"{path or '/'}: previous stage has a subtree, this stage a leaf")
+        unknown = set(loaded) - set(init)
+        if unknown:
+            raise ValueError(f"{path or '/'}: this stage has no {sorted(unknown)}")
+        return {k: merge_params(v, loaded.get(k), f"{path}/{k}") for k, v in init.items()}
+    value = init.unbox() if isinstance(init, nn.meta.AxisMetadata) else init
+    if tuple(value.shape) != tuple(np.shape(loaded)):
+        raise ValueError(
+            f"{path}: shape {np.shape(loaded)} from the previous stage, {value.shape} here"
+        )
+    new = jnp.asarray(loaded, value.dtype)
+    return init.replace_boxed(new) if isinstance(init, nn.meta.AxisMetadata) else new
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host arrays → global arrays with the given shardings (every process holds the full
+    value and contributes its addressable shards)."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: x[idx]),
+        tree,
+        shardings,
+    )
+
+
+def prefetch(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
+    """Global device batches, `size` ahead of the step that uses them."""
+    queue: deque = deque()
+    for batch in batches:
+        queue.append(shd.global_batch(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
 # ---------------------------------------------------------------------------------------------
 # Main loop
 # ---------------------------------------------------------------------------------------------
@@ -315,17 +413,23 @@ def train_and_evaluate(
     *,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`.
+    """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`,
+    then writes the codec bundle (`codec.safetensors`) and real files of the eval images.
 
-    Returns a summary: the logged training metrics per step, the last evaluation and the
-    number of skipped (non-finite) steps.
+    Returns a summary: the logged training metrics per step, the last evaluation, the real
+    files' measured bpp/PSNR and the number of skipped (non-finite) steps.
     """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _library_log(workdir):
+        return _train(config, workdir, on_step)
+
+
+def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     from clu import periodic_actions
 
     from jaxcodec.data import make_train_iterator
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     _check_resumable(config, workdir)
     _write_config(config, workdir)
     writer = _make_writer(workdir)
@@ -348,30 +452,48 @@ def train_and_evaluate(
     abstract_params = abstract_vars["params"]
     trainable = method.trainable_mask(nn.unbox(abstract_params))
     tx = make_optimizer(config.optimizer, total_steps, trainable)
+    labels = param_labels(nn.unbox(abstract_params), config.optimizer, trainable)
 
-    def init_state(key: jax.Array) -> TrainState:
-        params = method.init(key, dummy)["params"]
+    # --- Previous stage and frozen parts -----------------------------------------------------
+    start, previous = stage_start(method, config, workdir)
+    source = f"{config.get('init_from')} (step {previous.step})" if previous else ""
+    frozen_host, identity = load_frozen(method, start.frozen, source)
+    _check_frozen(workdir, identity)
+
+    def init_state(key: jax.Array, loaded_params: Any, loaded_state: Any) -> TrainState:
+        variables = dict(method.init(key, dummy))
+        params = merge_params(variables.pop("params"), loaded_params)
+        model_state = merge_params(variables, loaded_state)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             ema_params=params,
             opt_state=tx.init(params),
+            model_state=model_state,
             nonfinite_streak=jnp.zeros((), jnp.int32),
             nonfinite_total=jnp.zeros((), jnp.int32),
         )
 
-    abstract_state = jax.eval_shape(init_state, init_key)
+    abstract_state = jax.eval_shape(init_state, init_key, start.params, start.state)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-    logging.info(
-        "method %s stage %d: %s parameters", config.method, method.stage, f"{num_params:,}"
-    )
+    num_frozen = sum(int(np.size(x)) for x in jax.tree.leaves(frozen_host))
 
     # --- Mesh and shardings ------------------------------------------------------------------
     mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
     rules = [tuple(r) for r in config.mesh.logical_axis_rules]
     state_shardings = shd.tree_shardings(abstract_state, mesh, rules)
     abstract_state = nn.unbox(abstract_state)
-    logging.info("mesh %s", dict(mesh.shape))
+    abstract_frozen = method.abstract_frozen()
+    if abstract_frozen is None:
+        frozen_shardings = jax.tree.map(lambda _: shd.replicated(mesh), frozen_host)
+    else:
+        frozen_shardings = shd.tree_shardings(abstract_frozen, mesh, rules)
+    frozen = place(frozen_host, frozen_shardings)
+    _console(
+        f"{config.method} stage {method.stage} ({config.get('variant', '')}): "
+        f"{num_params:,} trainable parameters, {num_frozen:,} frozen; mesh {dict(mesh.shape)}; "
+        f"log: {workdir / 'train.log'}"
+    )
 
     # --- Jitted init, or restore -------------------------------------------------------------
     async_save = bool(config.get("checkpoint_async", False))
@@ -384,17 +506,24 @@ def train_and_evaluate(
             data_iter.set_state(data_state)
         else:
             logging.warning("checkpoint %d has no data-iterator state: data restarts", start_step)
-        logging.info("resumed from step %d in %s", start_step, workdir)
+        _console(f"resumed from step {start_step} in {workdir}")
     else:
         start_step = 0
-        state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(init_key)
+        state = jax.jit(
+            lambda k, p, s: nn.unbox(init_state(k, p, s)), out_shardings=state_shardings
+        )(init_key, start.params, start.state)
 
     # --- Jitted train step -------------------------------------------------------------------
     step_fn = jax.jit(
         functools.partial(
-            train_step, method=method, tx=tx, base_key=base_key, ema_decay=config.ema_decay
+            train_step,
+            method=method,
+            tx=tx,
+            base_key=base_key,
+            ema_decay=config.ema_decay,
+            labels=labels,
         ),
-        in_shardings=(state_shardings, shd.batch_sharding(mesh)),
+        in_shardings=(state_shardings, frozen_shardings, shd.batch_sharding(mesh)),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,
     )
@@ -407,93 +536,100 @@ def train_and_evaluate(
         hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer))
     pending: list[dict[str, jax.Array]] = []
     eval_images = None
-    stride = int(config.model.get("stride", 64))
+    evaluator = Evaluator(method, mesh, config.seed)
+    stride = method.stride
     max_streak = int(config.max_consecutive_nonfinite)
+    streak = 0  # consecutive non-finite steps, read from the metrics at log time
     writer.write_hparams(
         {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
     )
+    console_keys = ("loss", *method.console_metrics)
+    batches = prefetch(data_iter, mesh, size=int(config.get("prefetch", 2)))
 
-    tables, final_params, table_error = None, None, None
+    bundle = None
     with _Preemption() as preemption:
         step, t_first, first_step = start_step, time.perf_counter(), start_step
+        t_log, log_step = t_first, start_step
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = shd.global_batch(next(data_iter), mesh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, frozen, next(batches))
             if step == start_step + 1:
                 jax.block_until_ready(state)  # the first step includes compilation
                 t_first, first_step = time.perf_counter(), step
+                t_log, log_step = t_first, step
             for hook in hooks:
                 hook(step)
             pending.append(metrics)
 
-            streak = int(state.nonfinite_streak)
-            if streak:
-                logging.warning(
-                    "step %d skipped: non-finite loss or gradients (%d in a row)", step, streak
-                )
-            if streak >= max_streak:
-                ckpt.close()
-                raise NonFiniteError(
-                    f"{streak} consecutive steps had a non-finite loss or gradients (limit "
-                    f"config.max_consecutive_nonfinite={max_streak}); last good checkpoint: "
-                    f"step {ckpt.latest_step()} in {workdir}"
-                )
-
-            if step % config.log_every == 0 or step == total_steps:
-                logged = _mean_metrics(jax.device_get(pending))
-                logged["nonfinite_total"] = float(state.nonfinite_total)
+            if step % config.log_every == 0 or step == total_steps or preemption.requested:
+                fetched = jax.device_get(pending)
                 pending = []
+                for m in fetched:
+                    streak = 0 if bool(m["step_finite"]) else streak + 1
+                    if streak >= max_streak:
+                        ckpt.close()
+                        raise NonFiniteError(
+                            f"{streak} consecutive steps had a non-finite loss or gradients "
+                            f"(limit config.max_consecutive_nonfinite={max_streak}); last good "
+                            f"checkpoint: step {ckpt.latest_step()} in {workdir}"
+                        )
+                logged = _mean_metrics(fetched)
+                logged["nonfinite_total"] = float(state.nonfinite_total)
                 writer.write_scalars(step, logged)
                 history.append({"step": step, **logged})
+                now = time.perf_counter()
+                rate = (step - log_step) / (now - t_log) if step > log_step else 0.0
+                t_log, log_step = now, step
+                eta = _format_duration((total_steps - step) / rate) if rate else "?"
+                shown = "  ".join(f"{k} {logged[k]:.4g}" for k in console_keys if k in logged)
+                skipped = f"  skipped {int(logged['nonfinite_total'])}" if streak else ""
+                _console(
+                    f"step {step}/{total_steps}  {shown}  {rate:.2f} steps/s  ETA {eta}{skipped}"
+                )
                 if on_step is not None:
                     on_step(step, logged)
 
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
                 if eval_images is None:
                     eval_images = _eval_images(config)
-                last_eval, recons = evaluate(
-                    method, host_params(state.ema_params), eval_images, stride
-                )
+                variables = Variables(state.ema_params, state.model_state, frozen)
+                last_eval, recons = evaluator(variables, eval_images, stride)
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
                 n = int(config.get("num_eval_images_logged", 2))
                 writer.write_images(
                     step, {f"eval/recon_{i}": r[None] for i, r in enumerate(recons[:n])}
                 )
-                logging.info("eval at step %d: %s", step, last_eval)
+                _console(f"eval at step {step}: " + _format_metrics(last_eval))
 
-            if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
-                extra = None
-                if step == total_steps or preemption.requested:
-                    final_params = state.ema_params
-                    # Integer coding tables are built once, from the final EMA parameters, and
-                    # stored with the last checkpoint; decoders never rebuild them.
-                    try:
-                        tables = method.entropy_tables(host_params(final_params))
-                    except Exception as exc:  # never lose the trained state to a table bug
-                        table_error = exc
-                    extra = None if tables is None else {ENTROPY_TABLES: tables}
+            final = step == total_steps
+            if step % config.checkpoint_every == 0 or final or preemption.requested:
                 # An async save reads the arrays after this call returns, while the next step
                 # donates (overwrites) their buffers: give it a copy of its own.
                 saved = jax.tree.map(jnp.copy, state) if async_save else state
-                ckpt.save(step, saved, data_iter.get_state(), extra=extra)
-                if table_error is not None:
-                    ckpt.close()
-                    raise RuntimeError(
-                        f"building the entropy tables failed; the trained state is saved "
-                        f"without them at step {step} in {workdir}"
-                    ) from table_error
+                ckpt.save(step, saved, data_iter.get_state())
+            if final:
+                bundle = _write_bundle(
+                    method, config, state, start.frozen, identity, step, workdir, ckpt
+                )
             if preemption.requested:
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
+                _console(
+                    f"stopped after step {step} on SIGTERM; checkpoint saved, the same command "
+                    "resumes"
+                )
                 break
 
     real_files = {}
-    if tables is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
+    if bundle is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
+        from jaxcodec.codec import MethodCodec
+
         if eval_images is None:
             eval_images = _eval_images(config)
-        real_files = real_file_evaluation(
-            method, host_params(final_params), tables, eval_images, workdir / "final_eval"
+        variables = Variables(bundle.params, bundle.state, frozen_host)
+        codec = MethodCodec(
+            method, variables, bundle.tables, name=method.name, frozen_identity=identity
         )
+        real_files = real_file_evaluation(codec, eval_images, workdir / "final_eval")
         writer.write_scalars(step, {f"real_files/{k}": v for k, v in real_files.items()})
         logging.info("real files at step %d: %s", step, real_files)
     jax.block_until_ready(state)
@@ -510,10 +646,32 @@ def train_and_evaluate(
         "eval": last_eval,
         "real_files": real_files,
         "nonfinite_total": int(state.nonfinite_total),
+        "codec": str(workdir / CODEC_FILE) if bundle is not None else None,
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_bundle(method, config, state, stage_frozen, identity, step, workdir, ckpt):
+    """The portable codec bundle of the final EMA model (every process gathers the arrays,
+    process 0 writes). A failure while building tables never loses the saved checkpoint."""
+    params, model_state = host_params((state.ema_params, state.model_state))
+    try:
+        bundle = build_bundle(method, config, params, model_state, stage_frozen, identity, step)
+    except Exception as exc:
+        ckpt.close()
+        raise RuntimeError(
+            f"building the entropy tables failed; the trained state is saved at step {step} in "
+            f"{workdir} (retry with `jaxcodec export --checkpoint {workdir}`)"
+        ) from exc
+    if jax.process_index() == 0:
+        save_bundle(workdir / CODEC_FILE, bundle)
+    return bundle
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 def _mean_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -558,6 +716,8 @@ def main(argv: list[str]) -> None:
             + f"; skipped non-finite steps: {summary['nonfinite_total']}"
             + f"; {summary['steps_per_sec'] or 0:.2f} steps/s"
         )
+        if summary["codec"]:
+            print(f"codec bundle (for jaxcodec compress/decompress/evaluate): {summary['codec']}")
         if summary["real_files"]:
             rf = summary["real_files"]
             print(
@@ -567,6 +727,10 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (clu, tfds) C++ logs
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF computes nothing here; no notice
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcodec.codec import decompress_batch, load_codec, write_checkpoint
+from jaxcodec.codec import decompress_batch, load_codec, save_codec
 from jaxcodec.entropy import container, tables
 from jaxcodec.entropy.container import BitstreamError
 from jaxcodec.methods import get_method
@@ -35,7 +35,7 @@ def make_workdir(path: Path, seed: int = 0, entropy_model: str = "hyperprior") -
     config = tiny_config(entropy_model)
     method = get_method(config)
     params = method.init(jax.random.key(seed), method.dummy_batch(1))["params"]
-    write_checkpoint(path, config, params, step=config.total_steps)
+    save_codec(path, config, params, step=config.total_steps)
     return path
 
 

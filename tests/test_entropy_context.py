@@ -100,10 +100,10 @@ def test_elic_checkpoint_roundtrip_in_a_fresh_single_thread_process(tmp_path):
     config.model.context_groups = GROUPS
     method = get_method(config)
     params = method.init(jax.random.key(0), method.dummy_batch(1))["params"]
-    from jaxcodec.codec import write_checkpoint
+    from jaxcodec.codec import save_codec
 
     workdir = tmp_path / "elic"
-    write_checkpoint(workdir, config, params, step=1)
+    save_codec(workdir, config, params, step=1)
     codec = load_codec(workdir)
     image = photo(100, 130)
     data = codec.compress(image)

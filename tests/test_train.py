@@ -129,7 +129,8 @@ def test_nonfinite_step_leaves_state_untouched():
     import jax.numpy as jnp
 
     from jaxcodec.methods import get_method
-    from jaxcodec.train import TrainState, make_optimizer, train_step
+    from jaxcodec.checkpoint import TrainState
+    from jaxcodec.train import make_optimizer, train_step
 
     config = small_config()
     method = get_method(config)
@@ -139,14 +140,16 @@ def test_nonfinite_step_leaves_state_untouched():
     )
     params = method.init(jax.random.key(0), batch)["params"]
     tx = make_optimizer(config.optimizer, 10, jax.tree.map(lambda _: True, params))
-    state = TrainState(jnp.int32(0), params, params, tx.init(params), jnp.int32(0), jnp.int32(0))
+    state = TrainState(
+        jnp.int32(0), params, params, tx.init(params), {}, jnp.int32(0), jnp.int32(0)
+    )
 
     def step(cfg, s):
         m = get_method(cfg)
         fn = functools.partial(
             train_step, method=m, tx=tx, base_key=jax.random.key(1), ema_decay=0.9
         )
-        return jax.jit(fn)(s, batch)
+        return jax.jit(fn)(s, {}, batch)
 
     bad = small_config("loss.lmbda=nan")
     skipped, metrics = step(bad, state)
@@ -263,7 +266,7 @@ def test_frozen_parameter_subsets_do_not_move():
     assert labels["g_s"]["GDN_0"]["beta"] == "main"
 
     tx = make_optimizer(config.optimizer, 10, trainable)
-    grads = jax.jit(jax.grad(lambda p: method.loss(p, batch, jax.random.key(2))[0]))(params)
+    grads = jax.jit(jax.grad(lambda p: method.loss(p, {}, {}, batch, jax.random.key(2))[0]))(params)
     updates, _ = tx.update(grads, tx.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
     assert not any(jax.tree.leaves(moved["g_a"]))

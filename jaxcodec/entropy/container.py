@@ -4,7 +4,8 @@ Layout (all integers unsigned LEB128 varints unless stated):
 
     magic        2 bytes  b"JX"
     byte         bits 7-5 format version, bit 4 options present, bits 3-0 number of streams - 1
-    [options]    1 flag byte (bit i = option i present), then the present options in order
+    [options]    varint of flags (bit i = option i of `OPTIONS` present), then the present
+                 options in bit order
     model id     2 bytes  first bytes of the model hash (fast, clear "wrong checkpoint" error)
     height - 1, width - 1
     length of every stream but the last (the last one fills the file up to the checksum)
@@ -12,34 +13,42 @@ Layout (all integers unsigned LEB128 varints unless stated):
     checksum     4 bytes  CRC-32 (big endian) of the full 32-byte model hash + all bytes above
 
 The checksum is seeded with the full model hash, so a file made with another checkpoint fails
-it too. With two streams and no options a Kodak-size file has 15 bytes of overhead. Every
-failure is a `BitstreamError` with a one-line message; sizes are bounded before anything is
-allocated.
+it too. Options are registered here once, so a bit means the same setting for every method; a
+method declares which of them its decoder needs (`BitstreamCoder.options`), and `unpack`
+refuses a file that carries any other set. With two streams and no options a Kodak-size file
+has 15 bytes of overhead. Every failure is a `BitstreamError` with a one-line message; sizes
+are bounded before anything is allocated.
 """
 
 import dataclasses
 import struct
 import zlib
+from collections.abc import Collection
 
 import numpy as np
 
 MAGIC = b"JX"
-VERSION = 1
+VERSION = 2  # 2: option flags became a varint; options for noise level and patch size
 MODEL_ID_BYTES = 2
 CHECKSUM_BYTES = 4
 MAX_SIDE = 1 << 16  # pixels per side
 MAX_PIXELS = 1 << 28
 MAX_STREAMS = 16
 MAX_FILE_BYTES = 1 << 31
+_MAX_OPTION = 1 << 32
 
 # Optional settings the decoder must repeat, in bit order. Codecs: "u" varint, "f16" float16.
+# Never reorder: append new options at the end.
 OPTIONS: tuple[tuple[str, str], ...] = (
     ("steps", "u"),  # sampler steps
     ("guidance", "f16"),  # λ_s
     ("start_step", "u"),  # relay / start timestep
-    ("seed", "u"),
-    ("rate_index", "u"),  # a rate point / noise level of a variable-rate model
+    ("seed", "u"),  # of a stochastic decoder: the same file decodes to the same pixels
+    ("rate_index", "u"),  # a rate point of a variable-rate model
+    ("noise_level", "f16"),  # rate-adaptive noise strength (DiffO)
+    ("patch", "u"),  # patch size of a patch-wise decoder (HFD)
 )
+OPTION_KINDS = dict(OPTIONS)
 
 
 class BitstreamError(ValueError):
@@ -117,8 +126,8 @@ def pack(header: Header, streams: list[bytes], model_hash: bytes) -> bytes:
         for bit, (name, kind) in enumerate(OPTIONS):
             if name in header.options:
                 flags |= 1 << bit
-                payload += _encode_option(header.options[name], kind)
-        out.append(flags)
+                payload += _encode_option(option_value(header.options[name], name), kind)
+        out += _varint(flags)
         out += payload
     out += model_hash[:MODEL_ID_BYTES]
     out += _varint(header.height - 1) + _varint(header.width - 1)
@@ -137,17 +146,32 @@ def _encode_option(value, kind: str) -> bytes:
 
 
 def option_value(value, name: str):
-    """The value of an option as the decoder will read it (encoders should use this too)."""
-    kind = dict(OPTIONS)[name]
-    if kind == "u":
+    """The value of an option as the decoder will read it (encoders use this too)."""
+    if name not in OPTION_KINDS:
+        raise ValueError(f"unknown container option {name!r}; known: {sorted(OPTION_KINDS)}")
+    if OPTION_KINDS[name] == "u":
+        if int(value) != value or not 0 <= int(value) <= _MAX_OPTION:
+            raise ValueError(f"option {name} must be an integer in [0, {_MAX_OPTION}], got {value}")
         return int(value)
-    return float(np.float16(value))
+    v = float(np.float16(value))
+    if not np.isfinite(v):
+        raise ValueError(f"option {name}={value} is not finite in float16")
+    return v
 
 
 def unpack(
-    data: bytes, model_hash: bytes, *, num_streams: int | None = None
+    data: bytes,
+    model_hash: bytes,
+    *,
+    num_streams: int | None = None,
+    options: Collection[str] | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[Header, list[bytes]]:
-    """Parses and validates a file; raises BitstreamError on anything unexpected."""
+    """Parses and validates a file; raises BitstreamError on anything unexpected.
+
+    `options`: the option names the decoder needs; a file carrying any other set is refused.
+    `max_pixels`: the decoder's budget; a larger declared image is refused before decoding.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BitstreamError("expected bytes")
     data = bytes(data)
@@ -165,20 +189,20 @@ def unpack(
     if version != VERSION:
         raise BitstreamError(f"unsupported .jxc format version {version} (this reader: {VERSION})")
     n_streams = (first & 0x0F) + 1
-    options = {}
+    found = {}
     if first & 0x10:
-        (flags,) = r.take(1)
+        flags = r.varint(1 << 62)
         if flags >> len(OPTIONS) or not flags:
             raise BitstreamError("unknown option flags in header")
         for bit, (name, kind) in enumerate(OPTIONS):
             if flags & (1 << bit):
                 if kind == "u":
-                    options[name] = r.varint(1 << 32)
+                    found[name] = r.varint(_MAX_OPTION)
                 else:
                     v = float(np.frombuffer(r.take(2), ">f2")[0])
                     if not np.isfinite(v):
                         raise BitstreamError(f"non-finite option {name}")
-                    options[name] = v
+                    found[name] = v
     model_id = r.take(MODEL_ID_BYTES)
     height = r.varint(MAX_SIDE - 1) + 1
     width = r.varint(MAX_SIDE - 1) + 1
@@ -195,9 +219,21 @@ def unpack(
                 f"checkpoint has {model_hash[:MODEL_ID_BYTES].hex()})"
             )
         raise BitstreamError("checksum mismatch: the file is corrupted or truncated")
+    if max_pixels is not None and height * width > max_pixels:
+        raise BitstreamError(
+            f"declared image size {width}x{height} ({height * width:,} pixels) exceeds this "
+            f"decoder's budget of {max_pixels:,} pixels (raise it with --max-pixels)"
+        )
     if num_streams is not None and n_streams != num_streams:
         raise BitstreamError(f"file has {n_streams} streams, this codec expects {num_streams}")
+    if options is not None and set(found) != set(options):
+        unknown, missing = sorted(set(found) - set(options)), sorted(set(options) - set(found))
+        raise BitstreamError(
+            "header options do not match this decoder"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
     streams = []
     for n in [*lengths, rest]:
         streams.append(r.take(n))
-    return Header(height, width, model_id, options), streams
+    return Header(height, width, model_id, found), streams

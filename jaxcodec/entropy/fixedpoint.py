@@ -4,9 +4,11 @@ Why: XLA's float convolutions may change their summation order with batch size, 
 or CPU, and a one-ulp change of a predicted scale can pick another CDF table and desynchronise
 the decoder. Here activations live on a 2^-ACT_BITS grid and weights on a 2^-WEIGHT_BITS grid,
 stored as integers with the entropy tables. Products and sums are then integers held exactly
-in float64 (checked to stay below 2^52), so BLAS may add them in any order and every machine
-gets bit-identical outputs (the idea of Ballé et al. 2019, "Integer networks", applied after
-training).
+in float64, so BLAS may add them in any order and every machine gets bit-identical outputs
+(the idea of Ballé et al. 2019, "Integer networks", applied after training). Exactness needs
+every partial sum below 2^53 whatever the order: each convolution checks the bound
+max|x| · max_out Σ|w| + max|b| before it runs, and export refuses weights that do not fit.
+Convolutions run in bands of output rows, so memory follows the band, not the image.
 
 A network is a list of layers, each a dict of numpy arrays with `kind` one of
 `conv` / `deconv` (Flax `Conv` / `ConvTranspose` with SAME padding), `leaky_relu`, `relu`,
@@ -22,7 +24,8 @@ ACT_BITS = 12
 WEIGHT_BITS = 14
 LEAKY_SLOPE = 0.01  # flax.linen.leaky_relu's default
 _SLOPE_BITS = 16
-_EXACT_LIMIT = float(2**52)
+_EXACT_LIMIT = float(2**53)  # float64 holds every integer below this exactly
+_BAND_BYTES = 32 << 20  # im2col memory per band of output rows
 
 KIND_CODES = {"conv": 0, "deconv": 1, "leaky_relu": 2, "relu": 3, "depth_to_space": 4}
 _KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
@@ -43,6 +46,16 @@ def from_fixed(q: np.ndarray, bits: int = ACT_BITS) -> np.ndarray:
 
 def conv_layer(kernel: np.ndarray, bias: np.ndarray, stride: int, transpose: bool = False):
     """Quantises a Flax Conv/ConvTranspose kernel [kh, kw, cin, cout] and bias [cout]."""
+    kernel = np.asarray(kernel, np.float64)
+    bias = np.asarray(bias, np.float64)
+    if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
+        raise FixedPointOverflow("non-finite weights cannot be quantised")
+    if np.abs(kernel).max(initial=0.0) * (1 << WEIGHT_BITS) >= 2**31 - 1:
+        raise FixedPointOverflow(
+            f"kernel weight {np.abs(kernel).max():.4g} does not fit int32 at 2^-{WEIGHT_BITS}"
+        )
+    if np.abs(bias).max(initial=0.0) * 2.0 ** (WEIGHT_BITS + ACT_BITS) >= 2**52:
+        raise FixedPointOverflow(f"bias {np.abs(bias).max():.4g} does not fit the fixed-point grid")
     return {
         "kind": np.array(KIND_CODES["deconv" if transpose else "conv"], np.int32),
         "stride": np.array(stride, np.int32),
@@ -98,18 +111,39 @@ def _transpose_pads(k: int, s: int) -> tuple[int, int]:
 
 
 def _correlate(x: np.ndarray, w: np.ndarray, stride: int, pads) -> np.ndarray:
-    """x [H, W, Cin] float64 integers, w [kh, kw, Cin, Cout]; cross-correlation like lax.conv."""
+    """x [H, W, Cin] float64 integers, w [kh, kw, Cin, Cout]; cross-correlation like lax.conv,
+    in bands of output rows (im2col of one band at a time)."""
     (pt, pb), (pl, pr) = pads
     x = np.pad(x, ((pt, pb), (pl, pr), (0, 0)))
     kh, kw, cin, cout = w.shape
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(0, 1))
-    win = win[::stride, ::stride]  # [Ho, Wo, Cin, kh, kw]
+    win = win[::stride, ::stride]  # [Ho, Wo, Cin, kh, kw], a view
     ho, wo = win.shape[:2]
-    cols = np.ascontiguousarray(win.transpose(0, 1, 3, 4, 2)).reshape(ho * wo, kh * kw * cin)
-    return (cols @ w.reshape(kh * kw * cin, cout)).reshape(ho, wo, cout)
+    w2 = w.reshape(kh * kw * cin, cout)
+    out = np.empty((ho, wo, cout), np.float64)
+    band = max(1, _BAND_BYTES // max(1, wo * kh * kw * cin * 8))
+    for r in range(0, ho, band):
+        rows = win[r : r + band].transpose(0, 1, 3, 4, 2)
+        cols = np.ascontiguousarray(rows).reshape(-1, kh * kw * cin)
+        out[r : r + band] = (cols @ w2).reshape(-1, wo, cout)
+    return out
+
+
+def _check_partial_sums(x: np.ndarray, layer: dict) -> None:
+    """Every partial sum of x · w (+ b), in any order, is bounded by max|x| · max_out Σ|w| +
+    max|b|; below 2^53 float64 holds all of them exactly."""
+    w = np.abs(np.asarray(layer["kernel"], np.float64))
+    per_output = w.reshape(-1, w.shape[-1]).sum(axis=0).max(initial=0.0)
+    bound = np.abs(x).max(initial=0.0) * per_output
+    bound += np.abs(np.asarray(layer["bias"], np.float64)).max(initial=0.0)
+    if bound >= _EXACT_LIMIT:
+        raise FixedPointOverflow(
+            f"fixed-point partial sums may reach {bound:.3g} >= 2^53: not exact in float64"
+        )
 
 
 def _conv(x: np.ndarray, layer: dict, transpose: bool) -> np.ndarray:
+    _check_partial_sums(x, layer)
     w = np.asarray(layer["kernel"], np.float64)
     s = int(layer["stride"])
     kh, kw = w.shape[:2]
@@ -123,9 +157,7 @@ def _conv(x: np.ndarray, layer: dict, transpose: bool) -> np.ndarray:
     else:
         pads = (_same_pads(x.shape[0], kh, s), _same_pads(x.shape[1], kw, s))
         acc = _correlate(x, w, s, pads)
-    acc = acc + np.asarray(layer["bias"], np.float64)
-    if acc.size and np.abs(acc).max() >= _EXACT_LIMIT:
-        raise FixedPointOverflow("fixed-point accumulator overflow")
+    acc += np.asarray(layer["bias"], np.float64)
     # Back to the activation grid: round half up, exact on integers held in float64.
     return np.floor(acc * 2.0**-WEIGHT_BITS + 0.5)
 

@@ -1,6 +1,18 @@
-"""Methods plug into the training loop by name: `config.method` selects one from this registry."""
+"""Methods plug into the loop by name: `config.method` names a module that registers one.
 
-from jaxcodec.methods.base import Method
+A short name (`hfd`) is the module `jaxcodec.methods.hfd`; a dotted name is imported as given,
+so a method can live outside the package (tests, user code) and register itself.
+"""
+
+import importlib
+
+from jaxcodec.methods.base import (
+    BitstreamCoder,
+    Method,
+    Pretrained,
+    StageStart,
+    Variables,
+)
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -16,11 +28,25 @@ def register(name: str):
 
 def get_method(config) -> Method:
     """Instantiates the method named by `config.method` for `config.stage`."""
-    from jaxcodec.methods import hfd  # noqa: F401  (registers itself)
+    name = config.method
+    if name not in _REGISTRY:
+        module = name if "." in name else f"jaxcodec.methods.{name}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not module.startswith(exc.name or ""):
+                raise  # the module exists but something it imports does not
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](config)
 
-    if config.method not in _REGISTRY:
-        raise ValueError(f"unknown method {config.method!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[config.method](config)
 
-
-__all__ = ["Method", "get_method", "register"]
+__all__ = [
+    "BitstreamCoder",
+    "Method",
+    "Pretrained",
+    "StageStart",
+    "Variables",
+    "get_method",
+    "register",
+]

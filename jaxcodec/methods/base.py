@@ -1,26 +1,79 @@
-"""The interface a method implements so the shared training loop can run it."""
+"""The interfaces a method implements: training (`Method`) and real bitstreams (`BitstreamCoder`).
+
+A method's variables come in three kinds, kept apart because the loop treats them differently:
+
+- `params` — trainable: differentiated, optimised, EMA'd, checkpointed;
+- `state` — mutable collections (e.g. the VQ codebook statistics `vq_stats`): updated by the
+  loss itself, checkpointed, never EMA'd or differentiated;
+- `frozen` — pretrained weights (SD UNet, VAE) and previous stages' models: loaded once, placed
+  with their logical shardings, passed to every function, never differentiated, optimised,
+  EMA'd or written to a training checkpoint (the workdir records their source and digest).
+
+Everything here runs inside `jax.jit` except `BitstreamCoder`, whose host side (range coding,
+integer tables) is numpy.
+"""
+
+from __future__ import annotations
 
 import abc
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import struct
+
+if TYPE_CHECKING:
+    from jaxcodec.checkpoint import CodecBundle
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+@struct.dataclass
+class Variables:
+    """All of a model's variables, as evaluation and coding see them."""
+
+    params: Any
+    state: Any = dataclasses.field(default_factory=dict)
+    frozen: Any = dataclasses.field(default_factory=dict)
+
+    def collections(self) -> dict[str, Any]:
+        """`params` and the mutable collections, as `Module.apply` takes them."""
+        return {"params": self.params, **self.state}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A frozen part loaded from outside the project (a diffusers folder, a metric's weights)."""
+
+    source: str  # where it comes from; recorded with its digest
+    load: Callable[[], Any]  # → host arrays (unboxed), the same structure as `abstract`
+
+
+@dataclasses.dataclass
+class StageStart:
+    """How a stage begins from the previous stage's final model (`Method.init_from`)."""
+
+    params: Any = None  # a subtree of the new trainable params to take over (None: fresh init)
+    state: Any = None  # mutable collections to take over
+    frozen: dict[str, Any] = dataclasses.field(default_factory=dict)  # previous stages' models
+
+
 class Method(abc.ABC):
     """A method composes shared parts into a model and per-stage losses.
 
-    Subclasses set `model` in `__init__` and implement `loss` and `evaluate`. Everything here
-    runs inside `jax.jit`; none of it knows about meshes or devices.
+    Subclasses set `model` in `__init__` and implement `init`, `loss` and `evaluate`; methods
+    with frozen parts override `pretrained` / `init_from` and `abstract_frozen`; methods that
+    write files return a `BitstreamCoder` from `coder`. None of it knows about meshes.
     """
 
-    name: str = ""
-    model: nn.Module
+    name: ClassVar[str] = ""
+    # Metrics the console shows next to the loss, one line per log interval.
+    console_metrics: ClassVar[tuple[str, ...]] = ("bpp", "psnr")
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -30,28 +83,118 @@ class Method(abc.ABC):
         c = self.config.data.crop_size
         return {"image": jnp.zeros((batch_size, c, c, 3), jnp.uint8)}
 
+    # --- Variables -----------------------------------------------------------------------
+
     @abc.abstractmethod
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]:
-        """Returns the model variables (at least 'params')."""
+        """Trainable 'params' plus any mutable collections (boxed logical axes allowed)."""
 
-    @abc.abstractmethod
-    def loss(self, params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        """Scalar training loss of the current stage and metrics to log."""
+    def pretrained(self) -> dict[str, Pretrained]:
+        """Frozen parts loaded from outside (sources come from the config)."""
+        return {}
 
-    @abc.abstractmethod
-    def evaluate(
-        self, params, images: jax.Array, valid_hw: tuple[int, int]
-    ) -> tuple[Metrics, jax.Array]:
-        """Per-image metrics and uint8 reconstructions of the valid region of padded images."""
+    def init_from(self, previous: CodecBundle) -> StageStart:
+        """Maps the previous stage's final model (`config.init_from`) into this stage."""
+        raise ValueError(
+            f"method {self.name!r} stage {self.stage} does not start from a previous stage; "
+            "unset config.init_from"
+        )
 
-    def entropy_tables(self, params) -> dict[str, Any] | None:
-        """Integer coding tables (numpy) built from trained parameters, stored with the final
-        checkpoint; None for a stage that codes nothing."""
+    def abstract_frozen(self) -> Any:
+        """Boxed shapes (with logical axes) of the frozen pytree, for its shardings; None (the
+        default) replicates every frozen array."""
         return None
 
     def trainable_mask(self, params) -> Any:
-        """Pytree of bools: which parameters this stage trains (the rest are frozen)."""
+        """Pytree of bools: which trainable parameters this stage updates (regexes in
+        `config.optimizer.frozen` can freeze more)."""
         return jax.tree.map(lambda _: True, params)
+
+    # --- Training ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def loss(
+        self, params, frozen, state, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, Metrics, Any]:
+        """(scalar loss of the current stage, metrics to log, updated mutable state)."""
+
+    @abc.abstractmethod
+    def evaluate(
+        self, variables: Variables, images: jax.Array, valid_hw: tuple[int, int], rng: jax.Array
+    ) -> tuple[Metrics, jax.Array]:
+        """Per-image metrics and uint8 reconstructions of the valid region of padded images."""
+
+    # --- Coding --------------------------------------------------------------------------
+
+    @property
+    def stride(self) -> int:
+        """The multiple every input side is padded to."""
+        coder = self.coder
+        if coder is None:
+            raise ValueError(f"method {self.name!r} stage {self.stage} codes no bitstream")
+        return coder.stride
+
+    @property
+    def coder(self) -> BitstreamCoder | None:
+        """Real files of this stage, or None for a stage that writes none."""
+        return None
+
+    def entropy_tables(self, variables: Variables) -> dict[str, Any] | None:
+        """Integer coding tables (numpy) built once from the final variables and stored with
+        the model; None for a stage that codes nothing."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitstreams
+# ---------------------------------------------------------------------------------------------
+
+
+class BitstreamCoder(abc.ABC):
+    """Host-side compress / decompress of one padded image.
+
+    The encoder returns the streams and the options the decoder must repeat (sampler steps,
+    λ_s, start step, seed, ...). Options are declared by name in `options` with their values
+    at encode time; the container stores them and the decoder gets exactly that set back.
+    """
+
+    stride: int  # padding multiple of the input: the one source of it
+    num_streams: int
+
+    def options(self) -> dict[str, Any]:
+        """Decode-time settings this coder writes into every header, with their defaults."""
+        return {}
+
+    @abc.abstractmethod
+    def compress(
+        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """uint8 [H, W, 3] (multiples of `stride`) → (streams, info with timings `*_s`)."""
+
+    @abc.abstractmethod
+    def decompress(
+        self,
+        variables: Variables,
+        tables,
+        streams: list[bytes],
+        hw: tuple[int, int],
+        options: Mapping[str, Any],
+        rng: jax.Array,
+    ) -> tuple[np.ndarray, dict]:
+        """Streams of `compress` → (uint8 [H, W, 3], info)."""
+
+    def decompress_batch(
+        self, variables, tables, streams_list, hw, options: Mapping[str, Any], rng: jax.Array
+    ) -> np.ndarray:
+        """Several files of the same padded size and options."""
+        return np.stack(
+            [self.decompress(variables, tables, s, hw, options, rng)[0] for s in streams_list]
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -61,6 +204,17 @@ def to_float(images: jax.Array) -> jax.Array:
 
 def to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(x * 255.0), 0, 255).astype(jnp.uint8)
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pads an [H, W, C] image so both sides are multiples of `multiple` (cropped back
+    after decoding)."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, (-h) % multiple), (0, (-w) % multiple), (0, 0)), mode="edge")
+
+
+def padded_size(hw: tuple[int, int], multiple: int) -> tuple[int, int]:
+    return (-(-hw[0] // multiple) * multiple, -(-hw[1] // multiple) * multiple)
 
 
 def bits(likelihoods: jax.Array, axis=None) -> jax.Array:

@@ -115,15 +115,15 @@ class VisionConfig(layers.DtypeNames):
 
 # open_clip config keys this implementation follows; any other key with a non-default value
 # (layer scale, attentional pooling, custom blocks, HF or timm towers, ...) is refused by name.
-_TEXT_KEYS = {
-    "context_length": "context_length",
-    "vocab_size": "vocab_size",
-    "width": "width",
-    "heads": "heads",
-    "layers": "layers",
-    "mlp_ratio": "mlp_ratio",
-    "proj_bias": "proj_bias",
-    "pool_type": "pool_type",
+_TEXT_FIELDS = {
+    "context_length",
+    "vocab_size",
+    "width",
+    "heads",
+    "layers",
+    "mlp_ratio",
+    "proj_bias",
+    "pool_type",
 }
 # Settings of custom blocks (qk-norm, scaled cosine attention, ...) that must stay off.
 _CUSTOM_BLOCK_OFF = dict.fromkeys(
@@ -148,15 +148,15 @@ _TEXT_DEFAULTS = {
     "tokenizer_kwargs": None,
     **_CUSTOM_BLOCK_OFF,
 }
-_VISION_KEYS = {
-    "image_size": "image_size",
-    "patch_size": "patch_size",
-    "width": "width",
-    "layers": "layers",
-    "head_width": "head_width",
-    "mlp_ratio": "mlp_ratio",
-    "pool_type": "pool_type",
-    "final_ln_after_pool": "final_ln_after_pool",
+_VISION_FIELDS = {
+    "image_size",
+    "patch_size",
+    "width",
+    "layers",
+    "head_width",
+    "mlp_ratio",
+    "pool_type",
+    "final_ln_after_pool",
 }
 _VISION_DEFAULTS = {
     "ls_init_value": None,
@@ -175,11 +175,11 @@ _INERT |= {"timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path", "hf_mod
 _INERT |= {"hf_proj_type", "hf_pooler_type"}
 
 
-def _convert_tower(cfg: Mapping[str, Any], keys, defaults, tower: str) -> dict[str, Any]:
+def _convert_tower(cfg: Mapping[str, Any], fields, defaults, tower: str) -> dict[str, Any]:
     out, unsupported = {}, []
     for key, value in cfg.items():
-        if key in keys:
-            out[keys[key]] = tuple(value) if isinstance(value, list) else value
+        if key in fields:
+            out[key] = tuple(value) if isinstance(value, list) else value
         elif key == "no_ln_pre":
             out["ln_pre"] = not value
         elif key == "patch_dropout" or key in _INERT:  # patch dropout acts in training only
@@ -214,9 +214,9 @@ class CLIPConfig:
         if extra:
             raise ValueError(f"open_clip model config not supported here: {sorted(extra)}")
         embed_dim, quick_gelu = model_cfg["embed_dim"], bool(model_cfg.get("quick_gelu", False))
-        text = _convert_tower(model_cfg.get("text_cfg", {}), _TEXT_KEYS, _TEXT_DEFAULTS, "text")
+        text = _convert_tower(model_cfg.get("text_cfg", {}), _TEXT_FIELDS, _TEXT_DEFAULTS, "text")
         vision = _convert_tower(
-            model_cfg.get("vision_cfg", {}), _VISION_KEYS, _VISION_DEFAULTS, "vision"
+            model_cfg.get("vision_cfg", {}), _VISION_FIELDS, _VISION_DEFAULTS, "vision"
         )
         if isinstance(vision.get("layers"), tuple):
             raise ValueError("open_clip ModifiedResNet image towers are not supported here")
@@ -227,10 +227,13 @@ class CLIPConfig:
                     raise ValueError(f"non-square vision {key} {value} is not supported")
                 vision[key] = value[0]
         for key in ("mean", "std"):
-            if preprocess_cfg and key in preprocess_cfg:
+            if key in (preprocess_cfg or {}):
                 vision[key] = tuple(float(v) for v in preprocess_cfg[key])
-        if preprocess_cfg and preprocess_cfg.get("interpolation", "bicubic") != "bicubic":
+        preprocess_cfg = preprocess_cfg or {}
+        if preprocess_cfg.get("interpolation", "bicubic") != "bicubic":
             raise ValueError("only bicubic resizing is implemented for the image preprocessing")
+        if preprocess_cfg.get("resize_mode", "shortest") != "shortest":
+            raise ValueError("only shortest-side resizing is implemented for the preprocessing")
         text_options = {k: v for k, v in options.items() if k != "attention_impl"}
         return cls(
             text=TextConfig(output_dim=embed_dim, quick_gelu=quick_gelu, **text, **text_options),
@@ -483,14 +486,12 @@ class VisionTransformer(nn.Module):
         batch = x.shape[0]
         x = x.reshape(batch, c.grid * c.grid, c.width)  # row-major patches, as torch's flatten
         scale = c.width**-0.5
-        cls = _param(
-            self, "class_embedding", nn.initializers.normal(scale), (c.width,), ("embed",),
-            c.params_dtype,
-        )  # fmt: skip
+        init = nn.initializers.normal(scale)
+        cls = _param(self, "class_embedding", init, (c.width,), ("embed",), c.params_dtype)
         pos = _param(
             self,
             "positional_embedding",
-            nn.initializers.normal(scale),
+            init,
             (c.grid * c.grid + 1, c.width),
             (None, "embed"),
             c.params_dtype,

@@ -1,8 +1,13 @@
-"""Mean–scale hyperprior compressor (Minnen et al. 2018): HFD's stage-1 autoencoder."""
+"""Mean–scale hyperprior compressor (Minnen et al. 2018): HFD's stage-1 autoencoder.
+
+The hyper latent z is coded either with a factorized prior (`hyper="factorized"`) or as indices
+of a vector-quantised codebook (`hyper="vq"`, RDEIC's choice: a fixed number of bits per index,
+the codebook in the mutable collection `vq_stats`).
+"""
 
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,7 +17,10 @@ import numpy as np
 from jaxcodec.entropy import EntropyBottleneck, GaussianConditional, coder, fixedpoint
 from jaxcodec.entropy import context as context_lib
 from jaxcodec.entropy import tables as tables_lib
+from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
+from jaxcodec.methods.base import BitstreamCoder, Variables, to_uint8
+from jaxcodec.nn.tiling import synthesise_tiled
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
     HyperAnalysis,
@@ -21,11 +29,14 @@ from jaxcodec.nn.transforms import (
 )
 
 STRIDE = 64  # total downsampling of the hyper latent: inputs are padded to a multiple of this
+Y_STRIDE = 16  # downsampling of y
+HYPER_KINDS = ("factorized", "vq")
 
 
 class CodecOutput(NamedTuple):
     x_hat: jax.Array
     likelihoods: dict[str, jax.Array]
+    vq_loss: jax.Array | float = 0.0  # commitment loss of a VQ hyper latent
 
 
 class MeanScaleHyperprior(nn.Module):
@@ -41,48 +52,69 @@ class MeanScaleHyperprior(nn.Module):
     # Non-empty: y is coded with the ELIC-style space–channel context over these channel
     # groups (h_s output becomes the context's hyper features); empty: plain mean–scale.
     context_groups: Sequence[int] = ()
+    hyper: str = "factorized"  # or "vq"
+    num_codes: int = 16384  # codebook size of a VQ hyper latent
 
     def setup(self):
+        if self.hyper not in HYPER_KINDS:
+            raise ValueError(f"hyper={self.hyper!r}: use one of {HYPER_KINDS}")
         self.g_a = AnalysisTransform(self.N, self.M)
         self.g_s = SynthesisTransform(self.N)
         self.h_a = HyperAnalysis(self.N)
         self.h_s = HyperSynthesis(self.N, self.M)
-        self.entropy_bottleneck = EntropyBottleneck(self.N)
+        if self.hyper == "vq":
+            self.vq = vq_lib.VectorQuantizer(num_codes=self.num_codes, dim=self.N)
+        else:
+            self.entropy_bottleneck = EntropyBottleneck(self.N)
         self.gaussian_conditional = GaussianConditional()
         if self.context_groups:
             self.context = SpaceChannelContext(channel_groups(self.M, self.context_groups))
 
+    def _hyper(self, z: jax.Array, train: bool, key) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """z → (z_hat, likelihoods, VQ commitment loss)."""
+        if self.hyper == "vq":
+            out = self.vq(z, train=train)
+            lik = jnp.full((*z.shape[:-1], 1), 2.0**-self.vq.index_bits, jnp.float32)
+            return out.z_q, lik, out.loss
+        if train:
+            _, z_lik = self.entropy_bottleneck(z, mode="noise", key=key)
+            return self.entropy_bottleneck(z, mode="ste")[0], z_lik, 0.0
+        z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
+        return z_hat, z_lik, 0.0
+
     def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> CodecOutput:
+        if train and key is None:
+            raise ValueError("training forward pass needs a PRNG key for quantisation noise")
+        kz, ky = jax.random.split(key) if train else (None, None)
         y = self.g_a(x)
         z = self.h_a(y)
-        if train:
-            if key is None:
-                raise ValueError("training forward pass needs a PRNG key for quantisation noise")
-            kz, ky = jax.random.split(key)
-            _, z_lik = self.entropy_bottleneck(z, mode="noise", key=kz)
-            z_hat = self.entropy_bottleneck(z, mode="ste")[0]
-        else:
-            z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
+        z_hat, z_lik, vq_loss = self._hyper(z, train, kz)
         hyper = self.h_s(z_hat)
         if self.context_groups:
-            y_hat, y_lik = self.context(y, hyper, train=train, key=ky if train else None)
-            return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik})
+            y_hat, y_lik = self.context(y, hyper, train=train, key=ky)
+            return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
         scales, means = jnp.split(hyper, 2, axis=-1)
         if train:
             _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
             y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
         else:
             y_hat, y_lik = self.gaussian_conditional(y, scales, means, mode="round")
-        x_hat = self.g_s(y_hat)
-        return CodecOutput(x_hat, {"y": y_lik, "z": z_lik})
+        return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
 
     def aux_loss(self) -> jax.Array:
+        """The factorized prior's quantile loss (zero for a VQ hyper latent)."""
+        if self.hyper == "vq":
+            return jnp.zeros((), jnp.float32)
         return self.entropy_bottleneck.aux_loss()
 
     def analyse(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Encoder side: x → (y, z), unquantised."""
         y = self.g_a(x)
         return y, self.h_a(y)
+
+    def hyper_indices(self, z: jax.Array) -> jax.Array:
+        """Encoder side of a VQ hyper latent: the nearest codes' indices."""
+        return self.vq(z, train=False).indices
 
     def synthesise(self, y_hat: jax.Array) -> jax.Array:
         return self.g_s(y_hat)
@@ -184,31 +216,40 @@ def dequantize(sym, means_q) -> np.ndarray:
 
 
 def _coding_seconds(tables) -> float:
-    return coder.cached_coder(tables["z"]).seconds + coder.cached_coder(tables["y"]).seconds
+    z_seconds = coder.cached_coder(tables["z"]).seconds if "freqs" in tables["z"] else 0.0
+    return z_seconds + coder.cached_coder(tables["y"]).seconds
 
 
-class HyperpriorCoding:
+class HyperpriorCoding(BitstreamCoder):
     """Compress / decompress of a trained MeanScaleHyperprior with its integer tables.
 
-    Float transforms (g_a, h_a, g_s) run in JAX; everything that feeds the coder (z symbols,
-    h_s, scale indices, means) is integer or fixed point on the host. The encoder decodes its own
-    z (z_hat) and runs the same fixed-point h_s as the decoder.
+    Float transforms (g_a, h_a, g_s) run in JAX; everything that feeds the coder (z symbols or
+    VQ indices, h_s, scale indices, means) is integer or fixed point on the host. The encoder
+    decodes its own z (z_hat) and runs the same fixed-point h_s as the decoder. g_s runs in
+    tiles of `tile` latent pixels, so decoding memory follows the tile.
     """
 
     stride = STRIDE
+    num_streams = 2
 
-    def __init__(self, model: "MeanScaleHyperprior"):
+    def __init__(self, model: MeanScaleHyperprior, *, tile: int = 32, halo: int = 4):
         self.model = model
+        self.tile, self.halo = tile, halo
         self.last_timings: dict[str, float] = {}
-        self._analyse = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method="analyse"))
+        self._analyse = jax.jit(lambda v, x: self.model.apply(v, x, method="analyse"))
+        self._indices = jax.jit(lambda v, z: self.model.apply(v, z, method="hyper_indices"))
         self._synthesise = jax.jit(
-            lambda p, y: self.model.apply({"params": p}, y, method="synthesise")
+            lambda v, y: to_uint8(self.model.apply(v, y, method="synthesise"))
         )
 
-    def entropy_tables(self, params) -> dict:
-        params = jax.tree.map(np.asarray, params)
+    def entropy_tables(self, variables: Variables) -> dict:
+        params = jax.tree.map(np.asarray, variables.params)
+        if self.model.hyper == "vq":
+            z_tables = vq_lib.vq_tables(jax.tree.map(np.asarray, variables.state["vq_stats"]["vq"]))
+        else:
+            z_tables = factorized_entropy_tables(params["entropy_bottleneck"])
         out = {
-            "z": factorized_entropy_tables(params["entropy_bottleneck"]),
+            "z": z_tables,
             "y": gaussian_entropy_tables(),
             "h_s": fixedpoint.export_sequential(params["h_s"], H_S_SPEC),
         }
@@ -233,17 +274,25 @@ class HyperpriorCoding:
             sym = table_coder.decode(decoder, idx).reshape(idx.shape)
         return dequantize(sym, means_q), sym, idx
 
-    def compress(self, params, tables, image) -> tuple[list[bytes], dict]:
+    def compress(
+        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
         """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+        v = variables.collections()
         x = jnp.asarray(image, jnp.float32)[None] / 255.0
-        y, z = jax.device_get(self._analyse(params, x))
+        y, z = self._analyse(v, x)
         enc_z = coder.new_encoder()
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
-        z_hat_q = encode_factorized(enc_z, tables["z"], z[0])
+        if self.model.hyper == "vq":
+            z_sym = np.asarray(self._indices(v, z))[0]
+            vq_lib.encode_indices(enc_z, tables["z"], z_sym)
+            z_hat_q = vq_lib.dequantize_indices(tables["z"], z_sym)
+        else:
+            z_hat_q = encode_factorized(enc_z, tables["z"], np.asarray(z)[0])
+            z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
         enc_y = coder.new_encoder()
-        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y[0], encoder=enc_y)
+        _, y_sym, idx = self._code_y(tables, z_hat_q, y=np.asarray(y)[0], encoder=enc_y)
         streams = [coder.finish(enc_z), coder.finish(enc_y)]
-        z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
         info = {
             "y_symbols": y_sym,
             "y_idx": idx,
@@ -256,11 +305,16 @@ class HyperpriorCoding:
     def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int]):
         """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices)."""
         h, w = hw
-        n = tables["z"]["lengths"].shape[0]
+        z_shape = (h // STRIDE, w // STRIDE)
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
-        z_hat_q = decode_factorized(
-            coder.new_decoder(streams[0]), tables["z"], (h // STRIDE, w // STRIDE, n)
-        )
+        dec_z = coder.new_decoder(streams[0])
+        if self.model.hyper == "vq":
+            z_hat_q = vq_lib.dequantize_indices(
+                tables["z"], vq_lib.decode_indices(dec_z, tables["z"], z_shape)
+            )
+        else:
+            n = tables["z"]["lengths"].shape[0]
+            z_hat_q = decode_factorized(dec_z, tables["z"], (*z_shape, n))
         y_hat_q, y_sym, idx = self._code_y(tables, z_hat_q, decoder=coder.new_decoder(streams[1]))
         self.last_timings = {
             "entropy_s": time.perf_counter() - t0,
@@ -268,15 +322,29 @@ class HyperpriorCoding:
         }
         return fixedpoint.from_fixed(y_hat_q).astype(np.float32), y_sym, idx
 
-    def synthesise(self, params, y_hat: np.ndarray) -> np.ndarray:
-        """y_hat [B, h, w, M] → uint8 images [B, H, W, 3] (batched on the device)."""
-        x_hat = self._synthesise(params, jnp.asarray(y_hat))
-        return np.asarray(jnp.clip(jnp.round(x_hat * 255.0), 0, 255).astype(jnp.uint8))
+    def synthesise(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
+        """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles."""
+        v = variables.collections()
+        return synthesise_tiled(
+            lambda y: self._synthesise(v, jnp.asarray(y)),
+            y_hat,
+            scale=Y_STRIDE,
+            tile=self.tile,
+            halo=self.halo,
+        )
 
-    def decompress(self, params, tables, streams: list[bytes], hw: tuple[int, int]):
+    def decompress(self, variables, tables, streams, hw, options, rng=None):
         """→ (uint8 [H, W, 3], info with the decoded y symbols)."""
         y_hat, y_sym, idx = self.decode_latents(tables, streams, hw)
         t0 = time.perf_counter()
-        image = self.synthesise(params, y_hat[None])[0]
+        image = self.synthesise(variables, y_hat)
         info = {"y_symbols": y_sym, "y_idx": idx, "synthesis_s": time.perf_counter() - t0}
         return image, info | self.last_timings
+
+    def decompress_batch(self, variables, tables, streams_list, hw, options, rng=None):
+        """Several files of the same padded size: latents on the host, one batched g_s when the
+        image fits one tile."""
+        y_hat = np.stack([self.decode_latents(tables, s, hw)[0] for s in streams_list])
+        if max(y_hat.shape[1:3]) > self.tile:
+            return np.stack([self.synthesise(variables, y) for y in y_hat])
+        return np.asarray(self._synthesise(variables.collections(), jnp.asarray(y_hat)))
