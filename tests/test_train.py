@@ -128,8 +128,8 @@ def test_nonfinite_step_leaves_state_untouched():
 
     import jax.numpy as jnp
 
-    from jaxcodec.methods import get_method
     from jaxcodec.checkpoint import TrainState
+    from jaxcodec.methods import get_method
     from jaxcodec.train import make_optimizer, train_step
 
     config = small_config()
