@@ -15,7 +15,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -384,15 +384,33 @@ def place(tree: Any, shardings: Any) -> Any:
     )
 
 
-def prefetch(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[dict[str, jax.Array]]:
-    """Global device batches, `size` ahead of the step that uses them."""
-    queue: deque = deque()
-    for batch in batches:
-        queue.append(shd.global_batch(batch, mesh))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+class Prefetcher:
+    """Global device batches, transferred `size` steps ahead of the step that uses them.
+
+    `get_state()` is the data iterator's position after the last batch handed out (not after
+    the ones in flight), so a checkpoint resumes with the next unused batch.
+    """
+
+    def __init__(self, data_iter, mesh, size: int = 2):
+        self.data_iter, self.mesh, self.size = data_iter, mesh, max(0, size)
+        self.queue: deque = deque()
+        self.state = data_iter.get_state()
+
+    def _pull(self) -> None:
+        batch = shd.global_batch(next(self.data_iter), self.mesh)
+        self.queue.append((batch, self.data_iter.get_state()))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self.queue) <= self.size:
+            self._pull()
+        batch, self.state = self.queue.popleft()
+        return batch
+
+    def get_state(self) -> dict:
+        return self.state
 
 
 def _format_duration(seconds: float) -> str:
@@ -544,7 +562,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
     )
     console_keys = ("loss", *method.console_metrics)
-    batches = prefetch(data_iter, mesh, size=int(config.get("prefetch", 2)))
+    batches = Prefetcher(data_iter, mesh, size=int(config.get("prefetch", 2)))
 
     bundle = None
     with _Preemption() as preemption:
@@ -606,7 +624,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
                 # An async save reads the arrays after this call returns, while the next step
                 # donates (overwrites) their buffers: give it a copy of its own.
                 saved = jax.tree.map(jnp.copy, state) if async_save else state
-                ckpt.save(step, saved, data_iter.get_state())
+                ckpt.save(step, saved, batches.get_state())
             if final:
                 bundle = _write_bundle(
                     method, config, state, start.frozen, identity, step, workdir, ckpt

@@ -1,7 +1,7 @@
 """Methods plug into the loop by name: `config.method` names a module that registers one.
 
-A short name (`hfd`) is the module `jaxcodec.methods.hfd`; a dotted name is imported as given,
-so a method can live outside the package (tests, user code) and register itself.
+`hfd` is the module `jaxcodec.methods.hfd`; any other importable module name (tests, user
+code) is imported as given and registers its method under that name.
 """
 
 import importlib
@@ -29,12 +29,13 @@ def register(name: str):
 def get_method(config) -> Method:
     """Instantiates the method named by `config.method` for `config.stage`."""
     name = config.method
-    if name not in _REGISTRY:
-        module = name if "." in name else f"jaxcodec.methods.{name}"
+    for module in (f"jaxcodec.methods.{name}", name):
+        if name in _REGISTRY:
+            break
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if not module.startswith(exc.name or ""):
+            if not module.startswith(exc.name or "?"):
                 raise  # the module exists but something it imports does not
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {sorted(_REGISTRY)}")
