@@ -14,6 +14,17 @@ at H/8). ``hint_mode='embedding'`` (diffusers): an image-space condition goes th
 ``controlnet_cond_embedding`` (strided convs, zero-initialised output) and is added after
 ``conv_in`` — this mode loads diffusers ``ControlNetXSAdapter`` checkpoints.
 
+Two wirings of the same parts (``ControlAdapterConfig``):
+
+- ``base_to_control=True`` (ControlNet-XS, diffusers): the control branch also *reads* the base
+  (``base_to_ctrl`` concatenations), and shares the base's time embedding.
+- ``base_to_control=False`` + ``time_embedding='own'`` (RDEIC's official ``ControlModule``): the
+  control branch is an independent narrow UNet encoder+middle with its own time-embedding MLP;
+  it only *writes* into the base through the zero convs (encoder outputs, middle, decoder
+  inputs). Reading the 1280-channel base features is what makes the diffusers adapter of SD 2.1
+  2.6× larger (52.9 M vs RDEIC's 20.1 M + 4.5 M zero convs): its resnets see
+  ``control + base`` channels. :meth:`ControlAdapterConfig.rdeic` is RDEIC's layout.
+
 Parameters live under ``{'unet': ..., 'adapter': ...}``; :func:`param_labels` /
 :func:`trainable_mask` give optax the frozen/trainable partition.
 """
@@ -30,7 +41,7 @@ import jax.numpy as jnp
 
 from jaxcodec.nn import layers
 from jaxcodec.nn.attention import Transformer2D
-from jaxcodec.nn.resnet import Downsample2D, ResnetBlock2D
+from jaxcodec.nn.resnet import Downsample2D, ResnetBlock2D, TimestepEmbedding, timestep_embedding
 from jaxcodec.nn.unet import UNet, UNetConfig, UNetMidBlock
 
 
@@ -55,12 +66,37 @@ class ControlAdapterConfig:
     conditioning_channels: int = 3  # 'embedding' mode: channels of the image-space condition
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     max_norm_num_groups: int = 32
+    # ControlNet-XS reads the base before every sub-block; RDEIC's ControlModule does not.
+    base_to_control: bool = True
+    # 'base': the control branch uses the base UNet's time embedding (ControlNet-XS);
+    # 'own': it has its own time-embedding MLP on the same sinusoidal features (RDEIC).
+    time_embedding: str = "base"
+    # GroupNorm eps of the control middle block's resnets (diffusers: 1e-6, LDM/RDEIC: 1e-5).
+    mid_resnet_eps: float = 1e-6
 
     def __post_init__(self):
         if self.hint_mode not in ("concat", "embedding"):
             raise ValueError(f"hint_mode must be 'concat' or 'embedding', got {self.hint_mode!r}")
         if (self.size_ratio is None) == (self.block_out_channels is None):
             raise ValueError("give exactly one of size_ratio and block_out_channels")
+        if self.time_embedding not in ("base", "own"):
+            raise ValueError(f"time_embedding must be 'base' or 'own', got {self.time_embedding!r}")
+
+    @classmethod
+    def rdeic(
+        cls, size_ratio: float = 0.2, head_channels: int = 16, hint_channels: int = 256
+    ) -> ControlAdapterConfig:
+        """RDEIC's ``ControlModule`` + zero convs (official ``NoiseEstimator``): no base→control
+        reads, own time embedding, LDM's GroupNorm eps in the middle block."""
+        return cls(
+            size_ratio=size_ratio,
+            head_channels=head_channels,
+            hint_mode="concat",
+            hint_channels=hint_channels,
+            base_to_control=False,
+            time_embedding="own",
+            mid_resnet_eps=1e-5,
+        )
 
     def widths(self, base: UNetConfig) -> tuple[int, ...]:
         if self.block_out_channels is not None:
@@ -134,6 +170,7 @@ class AdapterDownBlock(nn.Module):
     base: UNetConfig
     max_groups: int = 32
     transformer_layers: int = 1
+    base_to_control: bool = True
 
     def setup(self):
         c = self.base
@@ -144,11 +181,13 @@ class AdapterDownBlock(nn.Module):
         for i in range(self.num_layers):
             base_in = self.base_in if i == 0 else self.base_out
             ctrl_in = self.ctrl_in if i == 0 else self.ctrl_out
-            b2c.append(_zero_conv(base_in, kw))
+            read = base_in if self.base_to_control else 0  # channels read from the base
+            if read:
+                b2c.append(_zero_conv(base_in, kw))
             resnets.append(
                 Res(
                     self.ctrl_out,
-                    groups=largest_group_count(ctrl_in + base_in, self.max_groups),
+                    groups=largest_group_count(ctrl_in + read, self.max_groups),
                     groups_out=largest_group_count(self.ctrl_out, self.max_groups),
                     eps=1e-5,
                     **kw,
@@ -169,10 +208,13 @@ class AdapterDownBlock(nn.Module):
                 )
             c2b.append(_zero_conv(self.base_out, kw))
         if self.add_downsample:
-            b2c.append(_zero_conv(self.base_out, kw))
+            if self.base_to_control:
+                b2c.append(_zero_conv(self.base_out, kw))
             c2b.append(_zero_conv(self.base_out, kw))
             self.downsamplers = Downsample2D(self.ctrl_out, 1, **kw)
-        self.base_to_ctrl, self.ctrl_to_base = b2c, c2b
+        if self.base_to_control:
+            self.base_to_ctrl = b2c
+        self.ctrl_to_base = c2b
         self.resnets = resnets
         if self.has_attention:
             self.attentions = attentions
@@ -187,14 +229,18 @@ class AdapterMidBlock(nn.Module):
     heads: int
     base: UNetConfig
     max_groups: int = 32
+    base_to_control: bool = True
+    resnet_eps: float = 1e-6
 
     def setup(self):
         c = self.base
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+        read = self.base_channels if self.base_to_control else 0
         g = largest_group_count(
-            math.gcd(self.ctrl_channels, self.ctrl_channels + self.base_channels), self.max_groups
+            math.gcd(self.ctrl_channels, self.ctrl_channels + read), self.max_groups
         )
-        self.base_to_ctrl = _zero_conv(self.base_channels, kw)
+        if self.base_to_control:
+            self.base_to_ctrl = _zero_conv(self.base_channels, kw)
         self.midblock = UNetMidBlock(
             self.ctrl_channels,
             self.heads,
@@ -203,14 +249,15 @@ class AdapterMidBlock(nn.Module):
             c,
             groups=g,
             groups_out=g,
-            resnet_eps=1e-6,
+            resnet_eps=self.resnet_eps,
         )
         self.ctrl_to_base = _zero_conv(self.base_channels, kw)
 
-    def __call__(self, h_base, h_ctrl, base_mid, temb, context, scale):
-        h_ctrl = jnp.concatenate([h_ctrl, self.base_to_ctrl(h_base)], axis=-1)
+    def __call__(self, h_base, h_ctrl, base_mid, temb, context, scale, temb_ctrl=None):
+        if self.base_to_control:
+            h_ctrl = jnp.concatenate([h_ctrl, self.base_to_ctrl(h_base)], axis=-1)
         h_base = base_mid(h_base, temb, context)
-        h_ctrl = self.midblock(h_ctrl, temb, context)
+        h_ctrl = self.midblock(h_ctrl, temb if temb_ctrl is None else temb_ctrl, context)
         return h_base + self.ctrl_to_base(h_ctrl) * scale, h_ctrl
 
 
@@ -244,6 +291,8 @@ class ControlAdapter(nn.Module):
         if c.mid_block_type is None:
             raise ValueError("ControlNet-XS needs a UNet with a mid block")
         g = a.max_norm_num_groups
+        if a.time_embedding == "own":
+            self.time_embedding = TimestepEmbedding(c.time_embed_dim, **kw)
         if a.hint_mode == "embedding":
             self.controlnet_cond_embedding = ConditioningEmbedding(
                 widths[0], a.conditioning_embedding_out_channels, kw
@@ -264,11 +313,14 @@ class ControlAdapter(nn.Module):
                 c,
                 g,
                 c.transformer_layers[i],
+                a.base_to_control,
             )
             for i in range(n)
         ]
         # diffusers builds the middle with its default cap of 32 groups, not max_norm_num_groups.
-        self.mid_block = AdapterMidBlock(base_boc[-1], widths[-1], heads[-1], c, 32)
+        self.mid_block = AdapterMidBlock(
+            base_boc[-1], widths[-1], heads[-1], c, 32, a.base_to_control, a.mid_resnet_eps
+        )
         # Decoder: level i (from the bottom) has layers_per_block + 1 resnets; resnet j's input
         # width is the previous level's output for j == 0, this level's otherwise.
         rev = list(reversed(base_boc))
@@ -281,6 +333,14 @@ class ControlAdapter(nn.Module):
             )
             for i in range(n)
         ]
+
+    def embed_time(self, timesteps, batch: int):
+        """The control branch's own time embedding (``time_embedding='own'``), on the base
+        UNet's sinusoidal features (RDEIC: 320 → 1280 → 1280)."""
+        c = self.base
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+        emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        return self.time_embedding(emb.astype(c.compute_dtype))
 
     def embed_hint(self, sample, hint):
         """The control branch's stem: conv_in on concat(x_t, hint), or conv_in + embedding."""
@@ -320,6 +380,9 @@ class ControlledUNet(nn.Module):
         context = encoder_hidden_states
         sample = sample.astype(c.compute_dtype)
         temb = unet.embed_time(timesteps, sample.shape[0])
+        own_time = self.adapter_config.time_embedding == "own"
+        temb_c = adapter.embed_time(timesteps, sample.shape[0]) if own_time else temb
+        read = self.adapter_config.base_to_control
 
         h_base = unet.conv_in(sample)
         h_ctrl = adapter.embed_hint(sample, hint)
@@ -328,25 +391,27 @@ class ControlledUNet(nn.Module):
 
         for base_block, ctrl_block in zip(unet.down_blocks, adapter.down_blocks, strict=True):
             for j in range(c.layers_per_block):
-                h_ctrl = jnp.concatenate([h_ctrl, ctrl_block.base_to_ctrl[j](h_base)], -1)
+                if read:
+                    h_ctrl = jnp.concatenate([h_ctrl, ctrl_block.base_to_ctrl[j](h_base)], -1)
                 h_base = base_block.resnets[j](h_base, temb)
                 if base_block.has_attention:
                     h_base = base_block.attentions[j](h_base, context)
-                h_ctrl = ctrl_block.resnets[j](h_ctrl, temb)
+                h_ctrl = ctrl_block.resnets[j](h_ctrl, temb_c)
                 if ctrl_block.has_attention:
                     h_ctrl = ctrl_block.attentions[j](h_ctrl, context)
                 h_base = h_base + ctrl_block.ctrl_to_base[j](h_ctrl) * s
                 hs_base.append(h_base)
                 hs_ctrl.append(h_ctrl)
             if base_block.add_downsample:
-                h_ctrl = jnp.concatenate([h_ctrl, ctrl_block.base_to_ctrl[-1](h_base)], -1)
+                if read:
+                    h_ctrl = jnp.concatenate([h_ctrl, ctrl_block.base_to_ctrl[-1](h_base)], -1)
                 h_base = base_block.downsamplers[0](h_base)
                 h_ctrl = ctrl_block.downsamplers(h_ctrl)
                 h_base = h_base + ctrl_block.ctrl_to_base[-1](h_ctrl) * s
                 hs_base.append(h_base)
                 hs_ctrl.append(h_ctrl)
 
-        h_base, h_ctrl = adapter.mid_block(h_base, h_ctrl, unet.mid_block, temb, context, s)
+        h_base, h_ctrl = adapter.mid_block(h_base, h_ctrl, unet.mid_block, temb, context, s, temb_c)
 
         h = h_base
         for base_block, connection in zip(unet.up_blocks, adapter.up_connections, strict=True):
