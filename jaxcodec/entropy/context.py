@@ -9,9 +9,18 @@ later groups a cheap, informative context.
 Training (`SpaceChannelContext.__call__`) runs both passes in parallel per group; coding
 (`code`) repeats them on the host with the fixed-point copies of the same networks
 (`export`), so the entropy parameters are bit-identical on every machine.
+
+Two recipes (`RECIPES`) fix the layers and wiring:
+- `"elic"` (HFD's default): small 3×3 channel-context nets, one parameter net per group shared
+  by both passes (the anchor pass feeds zeros for the spatial context), anchors at even i + j;
+- `"rdeic"` (RDEIC's and DiffCR's official `Compression` / `compressor_v3`): 5×5 channel-context
+  nets 224 → 128 → 2C_k with GELU, separate anchor / non-anchor parameter nets of 1×1 convs
+  (2C·5/3 → 2C·4/3 → 2C, GELU), anchors at odd i + j, inputs ordered [spatial, channel, hyper],
+  so that the official weights load layer for layer.
 """
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,12 +52,12 @@ def channel_groups(M: int, groups: Sequence[int] | None = None) -> tuple[int, ..
     return groups
 
 
-def anchor_mask(h: int, w: int) -> np.ndarray:
-    """Checkerboard: True where (i + j) is even — the anchors, coded first."""
-    return (np.add.outer(np.arange(h), np.arange(w)) % 2) == 0
+def anchor_mask(h: int, w: int, parity: int = 0) -> np.ndarray:
+    """Checkerboard: True where (i + j) % 2 == parity — the anchors, coded first."""
+    return (np.add.outer(np.arange(h), np.arange(w)) % 2) == parity
 
 
-# Layer recipes: (kind, features(C_k) → int, kernel, stride, activation after).
+# Layer recipes: (kind, features, kernel, stride, activation after).
 def _channel_spec(c: int):
     return [("conv", 2 * c, 3, 1, "leaky_relu"), ("conv", 2 * c, 3, 1, None)]
 
@@ -66,8 +75,63 @@ def _param_spec(c: int):
     ]
 
 
+def _rdeic_channel_spec(c: int):
+    return [
+        ("conv", 224, 5, 1, "gelu"),
+        ("conv", 128, 5, 1, "gelu"),
+        ("conv", 2 * c, 5, 1, None),
+    ]
+
+
+def _rdeic_param_spec(c: int):
+    out = 2 * c
+    return [
+        ("conv", out * 5 // 3, 1, 1, "gelu"),
+        ("conv", out * 4 // 3, 1, 1, "gelu"),
+        ("conv", out, 1, 1, None),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextRecipe:
+    """Layers and wiring of the context networks of one model family."""
+
+    code: int  # stored with the exported networks
+    channel: Callable[[int], list]  # C_k → layers of the channel context of group k
+    spatial: Callable[[int], list]
+    param: Callable[[int], list]
+    split_params: bool  # separate anchor / non-anchor parameter networks
+    anchor_parity: int  # anchors where (i + j) % 2 == parity
+    hyper_first: bool  # inputs [hyper, channel, spatial] (else [spatial, channel, hyper])
+
+
+RECIPES = {
+    "elic": ContextRecipe(0, _channel_spec, _spatial_spec, _param_spec, False, 0, True),
+    "rdeic": ContextRecipe(
+        1, _rdeic_channel_spec, _spatial_spec, _rdeic_param_spec, True, 1, False
+    ),
+}
+_BY_CODE = {r.code: r for r in RECIPES.values()}
+
+
+def get_recipe(name: str) -> ContextRecipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown context recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def _activation(x: jax.Array, act: str | None) -> jax.Array:
+    if act == "leaky_relu":
+        return nn.leaky_relu(x)
+    if act == "gelu":
+        return nn.gelu(x, approximate=False)  # torch's nn.GELU()
+    if act is None:
+        return x
+    raise ValueError(f"unknown activation {act!r}")
+
+
 class ConvStack(nn.Module):
-    """Convolutions with optional leaky ReLUs, named `layer_i` so `export_stack` can follow."""
+    """Convolutions with optional activations, named `layer_i` so `export_stack` can follow."""
 
     layers: Sequence[tuple]
 
@@ -76,8 +140,7 @@ class ConvStack(nn.Module):
         for i, (kind, features, k, s, act) in enumerate(self.layers):
             cls = nn.Conv if kind == "conv" else nn.ConvTranspose
             x = cls(features, (k, k), strides=(s, s), padding="SAME", name=f"layer_{i}")(x)
-            if act == "leaky_relu":
-                x = nn.leaky_relu(x)
+            x = _activation(x, act)
         return x
 
 
@@ -90,42 +153,61 @@ def export_stack(params: dict, layers: Sequence[tuple]) -> dict:
     return fixedpoint.export_sequential(params, spec)
 
 
+def _inputs(recipe: ContextRecipe, hyper, channel, spatial) -> list:
+    """The parameter nets' inputs in the recipe's order (None entries are absent)."""
+    parts = [hyper, channel, spatial] if recipe.hyper_first else [spatial, channel, hyper]
+    return [p for p in parts if p is not None]
+
+
 class SpaceChannelContext(nn.Module):
     """y [B, h, w, M] and hyper features [B, h, w, F] → (y_hat, likelihoods)."""
 
     groups: Sequence[int]
+    recipe: str = "elic"
 
     def setup(self):
-        g = self.groups
+        g, r = self.groups, get_recipe(self.recipe)
         self.channel_ctx = [
-            ConvStack(_channel_spec(c), name=f"channel_{k}") for k, c in enumerate(g) if k > 0
+            ConvStack(r.channel(c), name=f"channel_{k}") for k, c in enumerate(g) if k > 0
         ]
-        self.spatial_ctx = [
-            ConvStack(_spatial_spec(c), name=f"spatial_{k}") for k, c in enumerate(g)
-        ]
-        self.param_nets = [ConvStack(_param_spec(c), name=f"param_{k}") for k, c in enumerate(g)]
+        self.spatial_ctx = [ConvStack(r.spatial(c), name=f"spatial_{k}") for k, c in enumerate(g)]
+        if r.split_params:
+            self.param_anchor = [
+                ConvStack(r.param(c), name=f"param_anchor_{k}") for k, c in enumerate(g)
+            ]
+            self.param_nonanchor = [
+                ConvStack(r.param(c), name=f"param_nonanchor_{k}") for k, c in enumerate(g)
+            ]
+        else:
+            self.param_nets = [ConvStack(r.param(c), name=f"param_{k}") for k, c in enumerate(g)]
 
     def __call__(
         self, y: jax.Array, hyper: jax.Array, *, train: bool, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        anchors = jnp.asarray(anchor_mask(*y.shape[1:3]))[None, :, :, None]
+        r = get_recipe(self.recipe)
+        anchors = jnp.asarray(anchor_mask(*y.shape[1:3], r.anchor_parity))[None, :, :, None]
         splits = np.cumsum(self.groups)[:-1]
         y_groups = jnp.split(y, splits, axis=-1)
         keys = jax.random.split(key, len(self.groups)) if train else [None] * len(self.groups)
         mode = "ste" if train else "round"
         y_hats, liks = [], []
         for k, (y_k, c) in enumerate(zip(y_groups, self.groups, strict=True)):
-            ctx = [hyper]
+            channel = None
             if k > 0:
-                ctx.append(self.channel_ctx[k - 1](jnp.concatenate(y_hats, axis=-1)))
-            zeros = jnp.zeros((*y_k.shape[:3], 2 * c), y.dtype)
+                channel = self.channel_ctx[k - 1](jnp.concatenate(y_hats, axis=-1))
+            if r.split_params:
+                net_a, net_n = self.param_anchor[k], self.param_nonanchor[k]
+                zeros = None
+            else:
+                net_a = net_n = self.param_nets[k]
+                zeros = jnp.zeros((*y_k.shape[:3], 2 * c), y.dtype)
             scales_a, means_a = jnp.split(
-                self.param_nets[k](jnp.concatenate([*ctx, zeros], -1)), 2, -1
+                net_a(jnp.concatenate(_inputs(r, hyper, channel, zeros), -1)), 2, -1
             )
             y_hat_a = quantize(y_k, mode, offset=means_a) * anchors
             spatial = self.spatial_ctx[k](y_hat_a)
             scales_n, means_n = jnp.split(
-                self.param_nets[k](jnp.concatenate([*ctx, spatial], -1)), 2, -1
+                net_n(jnp.concatenate(_inputs(r, hyper, channel, spatial), -1)), 2, -1
             )
             scales = jnp.where(anchors, scales_a, scales_n)
             means = jnp.where(anchors, means_a, means_n)
@@ -139,15 +221,20 @@ class SpaceChannelContext(nn.Module):
         return jnp.concatenate(y_hats, -1), jnp.concatenate(liks, -1)
 
 
-def export(params: dict, groups: Sequence[int]) -> dict:
+def export(params: dict, groups: Sequence[int], recipe: str = "elic") -> dict:
     """Fixed-point copies of every context network (stored with the entropy tables)."""
+    r = get_recipe(recipe)
     out = {}
     for k, c in enumerate(groups):
         if k > 0:
-            out[f"channel_{k}"] = export_stack(params[f"channel_{k}"], _channel_spec(c))
-        out[f"spatial_{k}"] = export_stack(params[f"spatial_{k}"], _spatial_spec(c))
-        out[f"param_{k}"] = export_stack(params[f"param_{k}"], _param_spec(c))
+            out[f"channel_{k}"] = export_stack(params[f"channel_{k}"], r.channel(c))
+        out[f"spatial_{k}"] = export_stack(params[f"spatial_{k}"], r.spatial(c))
+        names = ("param_anchor", "param_nonanchor") if r.split_params else ("param",)
+        for name in names:
+            out[f"{name}_{k}"] = export_stack(params[f"{name}_{k}"], r.param(c))
     out["groups"] = np.asarray(groups, np.int32)
+    if r.code:  # the original ELIC tables carry no recipe code (old bundles stay identical)
+        out["recipe"] = np.asarray(r.code, np.int32)
     return out
 
 
@@ -156,8 +243,9 @@ def code(nets, y_tables, hyper_q, y=None, encoder=None, decoder=None):
     Encodes y (float [h, w, M]) when given an encoder, else decodes from `decoder`.
     Returns (y_hat_q [h, w, M] on the fixed-point grid, symbols, table indices)."""
     groups = [int(g) for g in nets["groups"]]
+    r = _BY_CODE[int(nets["recipe"])] if "recipe" in nets else RECIPES["elic"]
     h, w = hyper_q.shape[:2]
-    anchors = anchor_mask(h, w)
+    anchors = anchor_mask(h, w, r.anchor_parity)
     table_coder = coder.cached_coder(y_tables)
     thresholds = y_tables["thresholds"]
     starts = np.concatenate([[0], np.cumsum(groups)])
@@ -166,19 +254,20 @@ def code(nets, y_tables, hyper_q, y=None, encoder=None, decoder=None):
     indices = np.zeros(y_hat_q.shape, np.int32)
     for k, c in enumerate(groups):
         sl = slice(starts[k], starts[k + 1])
-        ctx = [hyper_q]
+        channel = None
         if k > 0:
-            ctx.append(fixedpoint.run(nets[f"channel_{k}"], y_hat_q[..., : starts[k]]))
-        ctx = np.concatenate(ctx, -1)
+            channel = fixedpoint.run(nets[f"channel_{k}"], y_hat_q[..., : starts[k]])
         for is_anchor in (True, False):
             pos = anchors if is_anchor else ~anchors
             if is_anchor:
-                spatial = np.zeros((int(pos.sum()), 2 * c), np.int64)
+                spatial = None if r.split_params else np.zeros((int(pos.sum()), 2 * c), np.int64)
+                net = nets[f"param_anchor_{k}" if r.split_params else f"param_{k}"]
             else:
                 masked = np.where(anchors[..., None], y_hat_q[..., sl], 0)
                 spatial = fixedpoint.run(nets[f"spatial_{k}"], masked)[pos]
-            rows = np.concatenate([ctx[pos], spatial], -1)[:, None, :]
-            params = fixedpoint.run(nets[f"param_{k}"], rows)[:, 0, :]
+                net = nets[f"param_nonanchor_{k}" if r.split_params else f"param_{k}"]
+            rows = _inputs(r, hyper_q[pos], None if channel is None else channel[pos], spatial)
+            params = fixedpoint.run(net, np.concatenate(rows, -1)[:, None, :])[:, 0, :]
             scales_q, means_q = params[:, :c], params[:, c:]
             idx = tables_lib.scale_index(scales_q, thresholds)
             if encoder is not None:

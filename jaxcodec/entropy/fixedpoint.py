@@ -11,8 +11,11 @@ max|x| · max_out Σ|w| + max|b| before it runs, and export refuses weights that
 Convolutions run in bands of output rows, so memory follows the band, not the image.
 
 A network is a list of layers, each a dict of numpy arrays with `kind` one of
-`conv` / `deconv` (Flax `Conv` / `ConvTranspose` with SAME padding), `leaky_relu`, `relu`,
-`depth_to_space` (pixel shuffle, as in `jaxcodec.nn.transforms.SubpixelConv`).
+`conv` / `deconv` (Flax `Conv` / `ConvTranspose` with SAME padding), `leaky_relu` (slope
+0.01 unless the layer stores its own), `relu`, `gelu` (a stored integer table, interpolated),
+`depth_to_space` (pixel shuffle, as in `jaxcodec.nn.transforms.SubpixelConv`),
+`pixel_shuffle` (torch's channel order, as in `jaxcodec.nn.transforms.pixel_shuffle`) and
+`residual` (two sub-networks whose outputs add; no `skip` is the identity).
 Inputs are single images [H, W, C] of integers (grid 2^-ACT_BITS).
 """
 
@@ -27,7 +30,20 @@ _SLOPE_BITS = 16
 _EXACT_LIMIT = float(2**53)  # float64 holds every integer below this exactly
 _BAND_BYTES = 32 << 20  # im2col memory per band of output rows
 
-KIND_CODES = {"conv": 0, "deconv": 1, "leaky_relu": 2, "relu": 3, "depth_to_space": 4}
+KIND_CODES = {
+    "conv": 0,
+    "deconv": 1,
+    "leaky_relu": 2,
+    "relu": 3,
+    "depth_to_space": 4,
+    "gelu": 5,
+    "pixel_shuffle": 6,
+    "residual": 7,
+}
+# GELU table: knots every 2^-GELU_KNOT_BITS over [-GELU_RANGE, GELU_RANGE]; outside it GELU(x)
+# is x (above) or 0 (below) to within 2^-ACT_BITS.
+GELU_KNOT_BITS = 5
+GELU_RANGE = 8
 _KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
 
@@ -64,8 +80,42 @@ def conv_layer(kernel: np.ndarray, bias: np.ndarray, stride: int, transpose: boo
     }
 
 
-def act_layer(kind: str) -> dict[str, np.ndarray]:
-    return {"kind": np.array(KIND_CODES[kind], np.int32)}
+def act_layer(kind: str, slope: float | None = None) -> dict[str, np.ndarray]:
+    """An activation; `slope` is a leaky ReLU's negative slope (stored on a 2^-16 grid)."""
+    if kind == "gelu":
+        return gelu_layer()
+    layer = {"kind": np.array(KIND_CODES[kind], np.int32)}
+    if slope is not None:
+        if kind != "leaky_relu":
+            raise ValueError(f"only leaky_relu takes a slope, not {kind}")
+        layer["slope"] = np.array(round(slope * (1 << _SLOPE_BITS)), np.int64)
+    return layer
+
+
+def gelu_layer() -> dict[str, np.ndarray]:
+    """GELU x·Φ(x) (erf form, torch's default) as integers on the activation grid at knots
+    2^-GELU_KNOT_BITS apart: built here once with float64 and stored with the tables, so the
+    decoder only interpolates integers (linear, floor division: exact everywhere)."""
+    from scipy.special import ndtr
+
+    knots = np.arange(-GELU_RANGE << GELU_KNOT_BITS, (GELU_RANGE << GELU_KNOT_BITS) + 1)
+    x = knots / float(1 << GELU_KNOT_BITS)
+    return {
+        "kind": np.array(KIND_CODES["gelu"], np.int32),
+        "table": to_fixed(x * ndtr(x)).astype(np.int32),
+    }
+
+
+def pixel_shuffle_layer(block: int) -> dict[str, np.ndarray]:
+    return {"kind": np.array(KIND_CODES["pixel_shuffle"], np.int32), "block": np.array(block)}
+
+
+def residual_layer(main: dict, skip: dict | None = None) -> dict:
+    """out = main(x) + skip(x) (identity when `skip` is None): residual blocks of transforms."""
+    layer = {"kind": np.array(KIND_CODES["residual"], np.int32), "main": main}
+    if skip is not None:
+        layer["skip"] = skip
+    return layer
 
 
 def export_sequential(params: dict[str, Any], spec: list[tuple]) -> dict[str, dict]:
@@ -162,12 +212,20 @@ def _conv(x: np.ndarray, layer: dict, transpose: bool) -> np.ndarray:
     return np.floor(acc * 2.0**-WEIGHT_BITS + 0.5)
 
 
-def run(net: dict[str, dict], x_q: np.ndarray) -> np.ndarray:
-    """Evaluates a fixed-point network on one image x_q [H, W, C] (integers) → int64."""
-    x = np.asarray(x_q, np.float64)
-    if x.size and np.abs(x).max() >= 2.0**40:
-        raise FixedPointOverflow("fixed-point input out of range")
-    slope = float(round(LEAKY_SLOPE * (1 << _SLOPE_BITS)))
+def _gelu(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Linear interpolation of the stored GELU table; x and the result are float64 integers."""
+    t = np.asarray(table, np.float64)
+    step_bits = ACT_BITS - GELU_KNOT_BITS  # grid units between knots (a power of two)
+    lo = -float(GELU_RANGE << ACT_BITS)
+    u = np.clip(x, lo, -lo) - lo
+    k = np.minimum(np.floor(u * 2.0**-step_bits), len(t) - 2).astype(np.int64)
+    r = u - k * float(1 << step_bits)
+    out = t[k] + np.floor((t[k + 1] - t[k]) * r * 2.0**-step_bits + 0.5)
+    return np.where(x > -lo, x, np.where(x < lo, 0.0, out))
+
+
+def _run(net: dict[str, dict], x: np.ndarray) -> np.ndarray:
+    default_slope = float(round(LEAKY_SLOPE * (1 << _SLOPE_BITS)))
     for key in sorted(net):
         layer = net[key]
         kind = _KIND_NAMES[int(layer["kind"])]
@@ -176,12 +234,33 @@ def run(net: dict[str, dict], x_q: np.ndarray) -> np.ndarray:
         elif kind == "deconv":
             x = _conv(x, layer, transpose=True)
         elif kind == "leaky_relu":
+            slope = float(layer["slope"]) if "slope" in layer else default_slope
             x = np.where(x >= 0, x, np.floor(x * slope * 2.0**-_SLOPE_BITS))
         elif kind == "relu":
             x = np.maximum(x, 0.0)
+        elif kind == "gelu":
+            x = _gelu(x, layer["table"])
         elif kind == "depth_to_space":
             b = int(layer["block"])
             h, w, c = x.shape
             x = x.reshape(h, w, b, b, c // (b * b)).transpose(0, 2, 1, 3, 4)
             x = x.reshape(h * b, w * b, c // (b * b))
-    return x.astype(np.int64)
+        elif kind == "pixel_shuffle":
+            b = int(layer["block"])
+            h, w, c = x.shape
+            x = x.reshape(h, w, c // (b * b), b, b).transpose(0, 3, 1, 4, 2)
+            x = x.reshape(h * b, w * b, c // (b * b))
+        elif kind == "residual":
+            main = _run(layer["main"], x)
+            x = main + (_run(layer["skip"], x) if "skip" in layer else x)
+            if x.size and np.abs(x).max() >= _EXACT_LIMIT:
+                raise FixedPointOverflow("residual sum out of the exact float64 range")
+    return x
+
+
+def run(net: dict[str, dict], x_q: np.ndarray) -> np.ndarray:
+    """Evaluates a fixed-point network on one image x_q [H, W, C] (integers) → int64."""
+    x = np.asarray(x_q, np.float64)
+    if x.size and np.abs(x).max() >= 2.0**40:
+        raise FixedPointOverflow("fixed-point input out of range")
+    return _run(net, x).astype(np.int64)

@@ -3,6 +3,9 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxcodec.nn import layers
 
 _PEDESTAL = 2.0**-18
 
@@ -123,3 +126,107 @@ class HyperSynthesis(nn.Module):
         x = nn.leaky_relu(_deconv(self.M, 5, 2)(z))
         x = nn.leaky_relu(_deconv(self.M * 3 // 2, 5, 2)(x))
         return _conv(self.M * 2, 3, 1)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual blocks of latent compressors (CompressAI's layout as RDEIC and DiffCR use it).
+# Each block also lists its layers for the fixed-point export (`fixed_point`), so the entropy
+# parameters computed from a hyper-synthesis made of these blocks are bit-exact on the host.
+# ---------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(x: jax.Array, block: int) -> jax.Array:
+    """torch's ``PixelShuffle`` in NHWC: input channel ``c·b² + i·b + j`` goes to output
+    channel ``c`` at sub-pixel (i, j) (``depth_to_space`` orders the channels the other way)."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h, w, c // (block * block), block, block)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(n, h * block, w * block, c // (block * block))
+
+
+def _tconv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+    """torch-style conv (symmetric padding k//2, so a torch model's weights apply unchanged)
+    with logical axes on its parameters."""
+    return layers.conv(features, kernel, stride=stride, name=name)
+
+
+def _fp_conv(params: dict, name: str, stride: int = 1) -> dict:
+    from jaxcodec.entropy import fixedpoint
+
+    p = params[name]
+    return fixedpoint.conv_layer(np.asarray(p["kernel"]), np.asarray(p["bias"]), stride)
+
+
+def _fp_net(*layers_: dict) -> dict:
+    return {f"{i:03d}": layer for i, layer in enumerate(layers_)}
+
+
+class ResidualBlock(nn.Module):
+    """conv3×3 → leaky ReLU → conv3×3 → leaky ReLU, plus the input (1×1 ``skip`` conv when the
+    width changes). RDEIC's / CompressAI's ``ResidualBlock`` (slope 0.01 twice)."""
+
+    features: int
+    slope: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.leaky_relu(_tconv(self.features, 3, name="conv1")(x), self.slope)
+        h = nn.leaky_relu(_tconv(self.features, 3, name="conv2")(h), self.slope)
+        skip = _tconv(self.features, 1, name="skip")(x) if x.shape[-1] != self.features else x
+        return h + skip
+
+    @staticmethod
+    def fixed_point(params: dict, slope: float = 0.01) -> dict:
+        from jaxcodec.entropy import fixedpoint as fp
+
+        main = _fp_net(
+            _fp_conv(params, "conv1"),
+            fp.act_layer("leaky_relu", slope),
+            _fp_conv(params, "conv2"),
+            fp.act_layer("leaky_relu", slope),
+        )
+        skip = _fp_net(_fp_conv(params, "skip")) if "skip" in params else None
+        return fp.residual_layer(main, skip)
+
+
+class ResidualBlockWithStride(nn.Module):
+    """Downsampling residual block: stride-2 conv3×3 → leaky(0.01) → conv3×3 → leaky(0.1), plus
+    a stride-2 1×1 ``skip`` (RDEIC's variant: no GDN, a second slope of 0.1)."""
+
+    features: int
+    stride: int = 2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.leaky_relu(_tconv(self.features, 3, self.stride, name="conv1")(x), 0.01)
+        h = nn.leaky_relu(_tconv(self.features, 3, name="conv2")(h), 0.1)
+        return h + _tconv(self.features, 1, self.stride, name="skip")(x)
+
+
+class ResidualBlockUpsample(nn.Module):
+    """Upsampling residual block: 1×1 conv + pixel shuffle (``subpel_conv``) → leaky(0.01) →
+    conv3×3 → leaky(0.1), plus a second 1×1 sub-pixel ``skip`` (RDEIC's variant: no IGDN)."""
+
+    features: int
+    upsample: int = 2
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        r, f = self.upsample, self.features
+        h = pixel_shuffle(_tconv(f * r * r, 1, name="subpel_conv")(x), r)
+        h = nn.leaky_relu(h, 0.01)
+        h = nn.leaky_relu(_tconv(f, 3, name="conv")(h), 0.1)
+        return h + pixel_shuffle(_tconv(f * r * r, 1, name="skip")(x), r)
+
+    @staticmethod
+    def fixed_point(params: dict, upsample: int = 2) -> dict:
+        from jaxcodec.entropy import fixedpoint as fp
+
+        main = _fp_net(
+            _fp_conv(params, "subpel_conv"),
+            fp.pixel_shuffle_layer(upsample),
+            fp.act_layer("leaky_relu", 0.01),
+            _fp_conv(params, "conv"),
+            fp.act_layer("leaky_relu", 0.1),
+        )
+        skip = _fp_net(_fp_conv(params, "skip"), fp.pixel_shuffle_layer(upsample))
+        return fp.residual_layer(main, skip)
