@@ -58,6 +58,9 @@ class ResnetBlock2D(nn.Module):
 
     ``groups_out`` differs from ``groups`` only in ControlNet-XS adapters, whose odd widths
     (base + control channels concatenated) need other group counts.
+    ``time_embedding_norm="scale_shift"`` (diffusers' name; guided diffusion's
+    ``use_scale_shift_norm``, used by ResShift/DiffO) projects the time embedding to a scale and
+    a shift applied after ``norm2`` (FiLM) instead of adding it before.
     """
 
     out_channels: int
@@ -65,6 +68,7 @@ class ResnetBlock2D(nn.Module):
     groups_out: int | None = None
     eps: float = 1e-5
     use_temb: bool = True
+    time_embedding_norm: str = "default"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -74,14 +78,22 @@ class ResnetBlock2D(nn.Module):
         groups_out = self.groups_out or self.groups
         h = nn.silu(layers.group_norm(self.groups, self.eps, name="norm1", **kw)(x))
         h = layers.conv(self.out_channels, 3, name="conv1", **kw)(h)
+        if self.time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(f"time_embedding_norm={self.time_embedding_norm!r} is not supported")
+        scale_shift = self.use_temb and self.time_embedding_norm == "scale_shift"
         if self.use_temb:
             if temb is None:
                 raise ValueError("this ResnetBlock2D expects a time embedding")
-            t = layers.dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(
-                nn.silu(temb)
-            )
-            h = h + t[:, None, None, :]
-        h = nn.silu(layers.group_norm(groups_out, self.eps, name="norm2", **kw)(h))
+            width = 2 * self.out_channels if scale_shift else self.out_channels
+            t = layers.dense(width, ("mlp", "embed"), name="time_emb_proj", **kw)(nn.silu(temb))
+            t = t[:, None, None, :]
+            if not scale_shift:
+                h = h + t
+        h = layers.group_norm(groups_out, self.eps, name="norm2", **kw)(h)
+        if scale_shift:
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = h * (1.0 + scale) + shift
+        h = nn.silu(h)
         h = layers.conv(self.out_channels, 3, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = layers.conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)

@@ -8,6 +8,11 @@ concatenation), the same module is a pixel-space denoiser.
 
 Blocks are built in ``setup`` so that a control adapter (:mod:`jaxcodec.nn.control`) can step
 through the frozen UNet sub-block by sub-block, as ControlNet-XS requires.
+
+Configured with ``attention_block="swin"``, ``attention_layers="first"`` and
+``resnet_time_scale_shift="scale_shift"`` it is ResShift's Swin-UNet (DiffO's denoiser) layer for
+layer: guided-diffusion resnets with FiLM time conditioning and one Swin layer
+(:mod:`jaxcodec.nn.swin`) after the first resnet of every level and in the middle.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ from jaxcodec.nn.resnet import (
     Upsample2D,
     timestep_embedding,
 )
+from jaxcodec.nn.swin import SHIFT_MASKS, SwinLayer
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+ATTENTION_BLOCKS = ("transformer", "swin")
+ATTENTION_LAYERS = ("all", "first")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 def _per_block(value, n: int) -> tuple:
@@ -81,11 +90,23 @@ class UNetConfig(layers.DtypeNames):
     mid_block_scale_factor: float = 1.0
     upcast_attention: bool = False
     sample_size: int = 64
+    resnet_time_scale_shift: str = "default"  # "scale_shift": FiLM (guided diffusion, ResShift)
     # jaxcodec-only (not in diffusers' config.json):
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"
     remat: bool = False
+    # "swin": ResShift's Swin layers instead of transformers (self-attention only); "first":
+    # attention after the first resnet of each attention block only (ResShift's Swin-UNet).
+    attention_block: str = "transformer"
+    attention_layers: str = "all"
+    swin_embed_dim: int = 192
+    swin_head_channels: int = 32
+    swin_window_size: int | tuple[int, ...] = 4  # per down block (up blocks mirror it)
+    swin_mid_window_size: int = 2
+    swin_depth: int = 2
+    swin_mlp_ratio: float = 4.0
+    swin_shift_mask: str = "full"  # "rows": ResShift's own mask (see nn/swin.py)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -100,6 +121,16 @@ class UNetConfig(layers.DtypeNames):
             raise ValueError(f"unsupported block types {bad}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}")
+        for field, allowed in (
+            ("attention_block", ATTENTION_BLOCKS),
+            ("attention_layers", ATTENTION_LAYERS),
+            ("resnet_time_scale_shift", TIME_SCALE_SHIFTS),
+            ("swin_shift_mask", SHIFT_MASKS),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.attention_block == "swin" and self.cross_attention_dim is not None:
+            raise ValueError("swin attention is self-attention only: set cross_attention_dim=None")
 
     # Derived per-block quantities, as diffusers computes them.
     @property
@@ -110,6 +141,10 @@ class UNetConfig(layers.DtypeNames):
     @property
     def transformer_layers(self) -> tuple[int, ...]:
         return _per_block(self.transformer_layers_per_block, len(self.block_out_channels))
+
+    @property
+    def swin_windows(self) -> tuple[int, ...]:
+        return _per_block(self.swin_window_size, len(self.block_out_channels))
 
     @property
     def time_embed_dim(self) -> int:
@@ -128,7 +163,6 @@ class UNetConfig(layers.DtypeNames):
             "center_input_sample": False,
             "dual_cross_attention": False,
             "only_cross_attention": False,
-            "resnet_time_scale_shift": "default",
             "conv_in_kernel": 3,
             "conv_out_kernel": 3,
             "time_cond_proj_dim": None,
@@ -152,6 +186,8 @@ class UNetConfig(layers.DtypeNames):
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers ``config.json`` dict (jaxcodec-only fields dropped)."""
         skip = {"dtype", "param_dtype", "attention_impl", "remat"}
+        skip |= {"attention_block", "attention_layers"}
+        skip |= {f.name for f in dataclasses.fields(self) if f.name.startswith("swin_")}
         out = {"_class_name": "UNet2DConditionModel", "act_fn": "silu"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
@@ -164,33 +200,72 @@ def _maybe_remat(cls, remat: bool):
     return nn.remat(cls) if remat else cls
 
 
+def _attention(c: UNetConfig, channels: int, heads: int, tlayers: int, cross: bool, window: int):
+    """One attention layer of a block: a diffusers transformer or a ResShift Swin layer."""
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
+    if c.attention_block == "swin":
+        return _maybe_remat(SwinLayer, c.remat)(
+            c.swin_embed_dim,
+            c.swin_head_channels,
+            window,
+            c.swin_depth,
+            c.swin_mlp_ratio,
+            c.norm_num_groups,
+            c.swin_shift_mask,
+            **kw,
+        )
+    Tr = _maybe_remat(Transformer2D, c.remat)
+    return Tr(
+        heads,
+        channels // heads,
+        tlayers,
+        c.norm_num_groups,
+        cross,
+        c.use_linear_projection,
+        c.attention_impl,
+        **kw,
+    )
+
+
 def _block_layers(block) -> tuple[list[nn.Module], list[nn.Module]]:
     """The resnets and (if the block has attention) transformers of a down or up block,
-    created inside the block's `setup` so they take its names (resnets_i, attentions_i)."""
+    created inside the block's `setup` so they take its names (resnets_i, attentions_i).
+    With ``attention_layers="first"`` only the first resnet is followed by attention."""
     c = block.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
     Res = _maybe_remat(ResnetBlock2D, c.remat)
-    Tr = _maybe_remat(Transformer2D, c.remat)
     resnets = [
-        Res(block.out_channels, groups=c.norm_num_groups, eps=c.norm_eps, **kw)
+        Res(
+            block.out_channels,
+            groups=c.norm_num_groups,
+            eps=c.norm_eps,
+            time_embedding_norm=c.resnet_time_scale_shift,
+            **kw,
+        )
         for _ in range(block.num_layers)
     ]
     attentions = []
     if block.has_attention:
+        n = 1 if c.attention_layers == "first" else block.num_layers
         attentions = [
-            Tr(
+            _attention(
+                c,
+                block.out_channels,
                 block.heads,
-                block.out_channels // block.heads,
                 block.transformer_layers,
-                c.norm_num_groups,
                 block.cross_attention,
-                c.use_linear_projection,
-                c.attention_impl,
-                **kw,
+                block.window,
             )
-            for _ in range(block.num_layers)
+            for _ in range(n)
         ]
     return resnets, attentions
+
+
+def _attend(block, i: int, x, context):
+    """Attention after resnet ``i``, if the block has one there."""
+    if block.has_attention and (block.config.attention_layers == "all" or i == 0):
+        return block.attentions[i](x, context)
+    return x
 
 
 class UNetDownBlock(nn.Module):
@@ -204,6 +279,7 @@ class UNetDownBlock(nn.Module):
     add_downsample: bool
     cross_attention: bool
     config: UNetConfig
+    window: int = 0  # Swin window of this block
 
     def setup(self):
         c = self.config
@@ -218,9 +294,7 @@ class UNetDownBlock(nn.Module):
     def __call__(self, x, temb, context):
         outputs = []
         for i in range(self.num_layers):
-            x = self.resnets[i](x, temb)
-            if self.has_attention:
-                x = self.attentions[i](x, context)
+            x = _attend(self, i, self.resnets[i](x, temb), context)
             outputs.append(x)
         if self.add_downsample:
             x = self.downsamplers[0](x)
@@ -248,25 +322,43 @@ class UNetMidBlock(nn.Module):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
         Res = _maybe_remat(ResnetBlock2D, c.remat)
-        Tr = _maybe_remat(Transformer2D, c.remat)
         groups = self.groups or c.norm_num_groups
         eps = self.resnet_eps or c.norm_eps
+        tnorm = c.resnet_time_scale_shift
         self.resnets = [
-            Res(self.out_channels, groups=groups, groups_out=self.groups_out, eps=eps, **kw),
-            Res(self.out_channels, groups=self.groups_out or groups, eps=eps, **kw),
-        ]
-        self.attentions = [
-            Tr(
-                self.heads,
-                self.out_channels // self.heads,
-                self.transformer_layers,
-                self.groups_out or groups,
-                self.cross_attention,
-                c.use_linear_projection,
-                c.attention_impl,
+            Res(
+                self.out_channels,
+                groups=groups,
+                groups_out=self.groups_out,
+                eps=eps,
+                time_embedding_norm=tnorm,
                 **kw,
-            )
+            ),
+            Res(
+                self.out_channels,
+                groups=self.groups_out or groups,
+                eps=eps,
+                time_embedding_norm=tnorm,
+                **kw,
+            ),
         ]
+        if c.attention_block == "swin":
+            window = c.swin_mid_window_size
+            self.attentions = [_attention(c, self.out_channels, 0, 0, False, window)]
+        else:
+            Tr = _maybe_remat(Transformer2D, c.remat)
+            self.attentions = [
+                Tr(
+                    self.heads,
+                    self.out_channels // self.heads,
+                    self.transformer_layers,
+                    self.groups_out or groups,
+                    self.cross_attention,
+                    c.use_linear_projection,
+                    c.attention_impl,
+                    **kw,
+                )
+            ]
 
     def __call__(self, x, temb, context):
         x = self.resnets[0](x, temb)
@@ -286,6 +378,7 @@ class UNetUpBlock(nn.Module):
     add_upsample: bool
     cross_attention: bool
     config: UNetConfig
+    window: int = 0  # Swin window of this block
 
     def setup(self):
         c = self.config
@@ -299,9 +392,7 @@ class UNetUpBlock(nn.Module):
 
     def subblock(self, i, x, skip, temb, context):
         x = self.resnets[i](jnp.concatenate([x, skip], axis=-1), temb)
-        if self.has_attention:
-            x = self.attentions[i](x, context)
-        return x
+        return _attend(self, i, x, context)
 
     def __call__(self, x, skips, temb, context, upsample_size=None):
         for i in range(self.num_layers):
@@ -338,6 +429,7 @@ class UNet(nn.Module):
                 i < n - 1,
                 cross,
                 c,
+                c.swin_windows[i],
             )
             for i in range(n)
         ]
@@ -356,6 +448,7 @@ class UNet(nn.Module):
                 i < n - 1,
                 cross,
                 c,
+                c.swin_windows[n - 1 - i],
             )
             for i in range(n)
         ]
@@ -389,12 +482,17 @@ class UNet(nn.Module):
         encoder_hidden_states: jnp.ndarray | None = None,
         down_block_additional_residuals: Sequence[jnp.ndarray] | None = None,
         mid_block_additional_residual: jnp.ndarray | None = None,
+        class_emb: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
+        """``class_emb`` (batch, time_embed_dim) is added to the time embedding, as diffusers adds
+        its class embedding (DiffO conditions on the rate point's noise level this way)."""
         c = self.config
         context = encoder_hidden_states
         if c.cross_attention_dim is not None and context is None:
             raise ValueError("this UNet has cross-attention: pass encoder_hidden_states")
         temb = self.embed_time(timesteps, sample.shape[0])
+        if class_emb is not None:
+            temb = temb + class_emb.astype(temb.dtype)
         x = self.conv_in(sample.astype(c.compute_dtype))
         skips = [x]
         for block in self.down_blocks:
@@ -417,6 +515,8 @@ class UNet(nn.Module):
 def unet_param_shapes(config: UNetConfig) -> dict:
     """Parameter shapes (``jax.ShapeDtypeStruct``, logical boxes kept) via ``jax.eval_shape``."""
     side = 2 ** (len(config.block_out_channels) - 1)
+    if config.attention_block == "swin":  # every level's side a multiple of its window
+        side *= max(*config.swin_windows, config.swin_mid_window_size)
     x = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     ctx = None
