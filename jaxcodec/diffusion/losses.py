@@ -173,11 +173,16 @@ def relay_loss(
 
 
 def residual_shift_training_sample(
-    schedule: ResidualShiftSchedule, z0: jax.Array, z_base: jax.Array, key: jax.Array
+    schedule: ResidualShiftSchedule,
+    z0: jax.Array,
+    z_base: jax.Array,
+    key: jax.Array,
+    noise_scale: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw ``t ~ U{0..T-1}`` and ε; return ``(z_t, t, ε)`` of the residual-shifting forward
-    process (the network regresses x̂0 onto z_0 from ``z_t``)."""
+    process (the network regresses x̂0 onto z_0 from ``z_t``). ``noise_scale`` (scalar or per
+    example) is DiffO's rate-adaptive noise level."""
     k_t, k_eps = jax.random.split(key)
     t = jax.random.randint(k_t, (z0.shape[0],), 0, schedule.num_timesteps)
     eps = jax.random.normal(k_eps, z0.shape, z0.dtype)
-    return schedule.q_sample(z0, z_base, t, eps).astype(z0.dtype), t, eps
+    return schedule.q_sample(z0, z_base, t, eps, noise_scale).astype(z0.dtype), t, eps

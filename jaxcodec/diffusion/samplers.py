@@ -366,14 +366,16 @@ def residual_shift_sample(
     eps: jax.Array,
     t: jax.Array | int | None = None,
     *,
+    noise_scale: float | jax.Array = 1.0,
     remat: bool = False,
 ) -> jax.Array:
-    """DiffO's single step: ``x̂0 = denoise(z_base + κ·sqrt(η_t)·ε, t)``.
+    """DiffO's single step: ``x̂0 = denoise(z_base + s·κ·sqrt(η_t)·ε, t)``.
 
     The denoiser predicts the clean latent directly (residual shifting is not variance preserving,
-    so there is no ε/v form). ``t`` (default ``T - 1``) is traced: the rate-adaptive noise level.
+    so there is no ε/v form). ``t`` (default ``T - 1``) and the noise scale ``s`` are traced: the
+    rate-adaptive noise level.
     """
     t = jnp.asarray(schedule.num_timesteps - 1 if t is None else t, jnp.int32)
-    z_t = schedule.prior_sample(z_base, eps, t)
+    z_t = schedule.prior_sample(z_base, eps, t, noise_scale)
     call = jax.checkpoint(_call_denoiser) if remat else _call_denoiser
     return call(denoise, z_t, jnp.broadcast_to(t, (z_base.shape[0],)))

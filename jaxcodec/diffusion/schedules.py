@@ -219,21 +219,43 @@ class ResidualShiftSchedule:
     def etas(self) -> jax.Array:
         return self.sqrt_etas**2
 
-    def q_sample(self, z0: jax.Array, z_base: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-        """Forward marginal at timestep index ``t`` (scalar or per example)."""
+    def q_sample(
+        self,
+        z0: jax.Array,
+        z_base: jax.Array,
+        t: jax.Array,
+        eps: jax.Array,
+        noise_scale: float | jax.Array = 1.0,
+    ) -> jax.Array:
+        """Forward marginal at timestep index ``t`` (scalar or per example).
+
+        ``noise_scale`` s (scalar or per example) multiplies the noise, ``κ → s·κ``: DiffO's
+        rate-adaptive noise modulation trains and decodes each rate point at its own level.
+        """
         sqrt_eta = _bcast(self.sqrt_etas[t], z0)
-        return z0 + sqrt_eta**2 * (z_base - z0) + self.kappa * sqrt_eta * eps
+        scale = _bcast(jnp.asarray(noise_scale, z0.dtype), z0)
+        return z0 + sqrt_eta**2 * (z_base - z0) + scale * self.kappa * sqrt_eta * eps
 
     def prior_sample(
-        self, z_base: jax.Array, eps: jax.Array, t: jax.Array | int | None = None
+        self,
+        z_base: jax.Array,
+        eps: jax.Array,
+        t: jax.Array | int | None = None,
+        noise_scale: float | jax.Array = 1.0,
     ) -> jax.Array:
-        """Decoder start ``z_base + κ·sqrt(η_t)·ε`` (default ``t = T-1``).
+        """Decoder start ``z_base + s·κ·sqrt(η_t)·ε`` (default ``t = T-1``, ``s = 1``).
 
-        A smaller ``t`` is a weaker start noise: DiffO's rate-adaptive noise modulation picks it
-        from the rate point (it is a traced value, so no recompile per rate).
+        A smaller ``t`` or ``s`` is a weaker start noise: DiffO's rate-adaptive noise modulation
+        picks it from the rate point (traced values, so no recompile per rate).
         """
         t = self.num_timesteps - 1 if t is None else t
-        return z_base + self.kappa * _bcast(self.sqrt_etas[t], z_base) * eps
+        scale = _bcast(jnp.asarray(noise_scale, z_base.dtype), z_base)
+        return z_base + scale * self.kappa * _bcast(self.sqrt_etas[t], z_base) * eps
+
+    def input_std(self, t: jax.Array, noise_scale: float | jax.Array = 1.0) -> jax.Array:
+        """sqrt(s²κ²η_t + 1): ResShift's ``normalize_input`` divisor for latents of unit variance
+        (the network sees ``z_t / input_std``)."""
+        return jnp.sqrt((noise_scale * self.kappa) ** 2 * self.etas[t] + 1.0)
 
 
 def residual_shift_schedule(

@@ -89,6 +89,55 @@ class VectorQuantizer(nn.Module):
         )
 
 
+class RVQOutput(NamedTuple):
+    codes: jax.Array  # [stages, *z.shape]: each stage's chosen codes (no gradient)
+    indices: jax.Array  # int32, [*z.shape[:-1], stages]
+    perplexity: jax.Array  # [stages]
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Residual VQ (Zeghidour et al. 2021, SoundStream): stage k quantises what stages < k
+    left. The first `d` stages make a code of `d` indices per position, so one model serves
+    several rates (DiffO's rate points); each stage is a `VectorQuantizer` (`stage_k`) with
+    its own EMA codebook in `vq_stats`. Every stage sees every example in training, so a
+    stage's codebook does not depend on which rates a batch used."""
+
+    num_stages: int = 2
+    num_codes: int = 256
+    dim: int = 256
+    beta: float = 0.25
+    decay: float = 0.99
+    dead_threshold: float = 1e-3
+
+    @nn.compact
+    def __call__(self, z: jax.Array, *, train: bool) -> RVQOutput:
+        residual, codes, indices, perplexity = z, [], [], []
+        for k in range(self.num_stages):
+            out = VectorQuantizer(
+                self.num_codes,
+                self.dim,
+                self.beta,
+                self.decay,
+                dead_threshold=self.dead_threshold,
+                name=f"stage_{k}",
+            )(residual, train=train)
+            code = jax.lax.stop_gradient(out.z_q)
+            residual = residual - code
+            codes.append(code)
+            indices.append(out.indices)
+            perplexity.append(out.perplexity)
+        return RVQOutput(jnp.stack(codes), jnp.stack(indices, -1), jnp.stack(perplexity))
+
+
+def residual_code(z: jax.Array, codes: jax.Array, depth: jax.Array | int) -> jax.Array:
+    """The code of the first `depth` stages (scalar or per example), straight through to `z`:
+    forward value Σ_{k<depth} codes_k, gradient of the identity."""
+    k = jnp.arange(codes.shape[0]).reshape((-1,) + (1,) * z.ndim)
+    depth = jnp.asarray(depth).reshape((1, -1) + (1,) * (z.ndim - 1))
+    total = jnp.sum(jnp.where(k < depth, codes, 0.0), axis=0)
+    return z + jax.lax.stop_gradient(total - z)
+
+
 # --- Host side -----------------------------------------------------------------------------
 
 
