@@ -254,14 +254,17 @@ class _Preemption:
 
 @contextlib.contextmanager
 def _library_log(workdir: Path):
-    """Sends absl/Python logging (orbax, clu, jax, our own details) to WORKDIR/train.log for
-    the duration of a run, so the console keeps the project's own lines."""
+    """Sends all Python/absl logging (orbax, clu, jax, our own details) and warnings to
+    WORKDIR/train.log for the duration of a run, so the console keeps the project's lines."""
     import logging as pylogging
 
-    handler = logging.get_absl_handler()
+    root = pylogging.getLogger()
+    saved = root.handlers[:], root.level
     stream = open(workdir / "train.log", "a", buffering=1)  # noqa: SIM115
-    previous = handler.python_handler.stream
-    handler.python_handler.setStream(stream)
+    handler = pylogging.StreamHandler(stream)
+    handler.setFormatter(logging.PythonFormatter())
+    root.handlers = [handler]
+    root.setLevel(pylogging.INFO)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.INFO)
     pylogging.captureWarnings(True)
@@ -270,7 +273,8 @@ def _library_log(workdir: Path):
     finally:
         pylogging.captureWarnings(False)
         logging.set_verbosity(verbosity)
-        handler.python_handler.setStream(previous)
+        root.handlers, level = saved
+        root.setLevel(level)
         stream.close()
 
 

@@ -131,3 +131,42 @@ def test_evaluate_subcommand_runs_the_evaluation_on_a_checkpoint(workdir, tmp_pa
     assert cli.main([*args, "--metrics", "psnr"]) == 0
     (result,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
     assert len(result["results"]["bpp"]) == 1 and result["results"]["bpp"][0] > 0
+
+
+def test_forged_header_over_the_budget_is_refused_at_once(workdir, codec, tmp_path, capsys):
+    """A tiny file with a valid checksum (made with the container's own pack and the model's
+    hash, as anyone holding the model can) declaring a huge image: one clear error, fast, no
+    output; a larger --max-pixels lets a declared size through."""
+    src, out = tmp_path / "forged.jxc", tmp_path / "forged.png"
+    for side in (16384, 8192):
+        header = container.Header(side, side, codec.hash[:2])
+        src.write_bytes(container.pack(header, [b"", b""], codec.hash))
+        t0 = time.perf_counter()
+        code = cli.main(["decompress", str(src), str(out), "--checkpoint", str(workdir)])
+        assert code == 2 and time.perf_counter() - t0 < 1.0
+        err = capsys.readouterr().err.strip()
+        assert "budget" in err and f"{side}x{side}" in err and "\n" not in err
+        assert not out.exists()
+    small = container.pack(container.Header(64, 64, codec.hash[:2]), [b"", b""], codec.hash)
+    src.write_bytes(small)
+    args = ["decompress", str(src), str(out), "--checkpoint", str(workdir)]
+    assert cli.main([*args, "--max-pixels", "1000"]) == 2
+    assert "budget of 1,000 pixels" in capsys.readouterr().err
+    assert cli.main([*args, "--max-pixels", "4096"]) in (0, 2)  # decoded, or refused as garbage
+
+
+def test_decode_options_travel_in_the_header(codec):
+    """HFD stage 1 declares no decode options: a file carrying one is refused, and a compress
+    option it does not take is a clear error."""
+    with pytest.raises(ValueError, match="no decode option"):
+        load_codec_with_options(codec, {"steps": 4})
+    header = container.Header(64, 64, codec.hash[:2], {"steps": 4})
+    data = container.pack(header, [b"", b""], codec.hash)
+    with pytest.raises(BitstreamError, match="unknown: steps"):
+        codec.decompress(data)
+
+
+def load_codec_with_options(codec, options):
+    from jaxcodec.codec import MethodCodec
+
+    return MethodCodec(codec.method, codec.variables, codec.tables, name="x", options=options)

@@ -133,3 +133,24 @@ def test_fixed_point_overflow_is_detected():
     layer = fixedpoint.conv_layer(np.full((1, 1, 1, 1), 1000.0), np.zeros(1), 1)
     with pytest.raises(fixedpoint.FixedPointOverflow):
         fixedpoint.run({"000": layer}, np.full((1, 1, 1), 2**39))
+
+
+def test_fixed_point_partial_sums_are_bounded_before_the_product():
+    """Weights of opposite signs cancel in the result but not in BLAS's partial sums: the
+    bound must see max|x| · Σ|w|, not the final accumulator."""
+    kernel = np.array([100_000.0, -100_000.0]).reshape(1, 1, 2, 1)
+    layer = fixedpoint.conv_layer(kernel, np.zeros(1), 1)
+    x = np.full((1, 1, 2), 2**39, np.int64)  # x·w cancels to exactly 0
+    with pytest.raises(fixedpoint.FixedPointOverflow, match="partial sums"):
+        fixedpoint.run({"000": layer}, x)
+    small = np.full((1, 1, 2), 2**20, np.int64)
+    assert fixedpoint.run({"000": layer}, small).item() == 0
+
+
+def test_weights_that_do_not_fit_the_grid_are_refused():
+    with pytest.raises(fixedpoint.FixedPointOverflow, match="int32"):
+        fixedpoint.conv_layer(np.full((1, 1, 1, 1), 1e6), np.zeros(1), 1)
+    with pytest.raises(fixedpoint.FixedPointOverflow, match="bias"):
+        fixedpoint.conv_layer(np.zeros((1, 1, 1, 1)), np.full(1, 1e9), 1)
+    with pytest.raises(fixedpoint.FixedPointOverflow, match="non-finite"):
+        fixedpoint.conv_layer(np.full((1, 1, 1, 1), np.nan), np.zeros(1), 1)
