@@ -1,6 +1,9 @@
-"""Test session setup: 8 fake CPU devices, and no silent pass when nothing ran."""
+"""Test session setup: 8 fake CPU devices, and no silent pass when nothing ran or when a test
+was skipped in CI without being allowed to (tests/skips_allowed.txt)."""
 
+import fnmatch
 import os
+from pathlib import Path
 
 # Must happen before JAX initialises its backends: every test sees 8 CPU devices, so
 # sharding tests can build real meshes; single-device code simply uses device 0.
@@ -19,7 +22,50 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+SKIPS_ALLOWED = Path(__file__).with_name("skips_allowed.txt")
+_skipped: list[tuple[str, str]] = []
+
+
+def _allowed_skips() -> list[str]:
+    """Node-id patterns of tests CI may skip; every line must give its reason after ' :: '."""
+    patterns = []
+    for line in SKIPS_ALLOWED.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, sep, reason = line.partition(" :: ")
+        if not sep or not reason.strip():
+            raise ValueError(f"{SKIPS_ALLOWED.name}: {line!r} gives no reason after ' :: '")
+        patterns.append(pattern.strip())
+    return patterns
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append((report.nodeid, reason))
+
+
+def _unexpected_skips() -> list[tuple[str, str]]:
+    allowed = _allowed_skips()
+    return [(n, r) for n, r in _skipped if not any(fnmatch.fnmatch(n, p) for p in allowed)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _in_ci() and (unexpected := _unexpected_skips()):
+        terminalreporter.section("skipped in CI without an entry in tests/skips_allowed.txt")
+        for nodeid, reason in unexpected:
+            terminalreporter.line(f"{nodeid}: {reason}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     # pytest exits 5 when it collected no test; CI must not count that as green.
     if exitstatus == 5:
+        session.exitstatus = 1
+    # In CI every skip must be allowed by name, with its reason: parity tests must run.
+    if _in_ci() and _unexpected_skips():
         session.exitstatus = 1
