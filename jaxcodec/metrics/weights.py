@@ -25,6 +25,8 @@ __all__ = [
     "WeightsError",
     "restricted_numpy_unpickle",
     "read_torch_legacy",
+    "read_torch_state_dict",
+    "read_torch_zip",
     "load_user_weights",
     "package_file",
     "flatten",
@@ -172,6 +174,129 @@ def read_torch_legacy(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k: v.materialise() for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------- zip torch.save reader
+
+
+class _Inert:
+    """Stands in for every global a checkpoint names that is not part of a tensor (Lightning's
+    callbacks, hyper-parameter objects, ...): nothing is imported and nothing is called; the
+    object is parsed and dropped."""
+
+    def __init__(self, *unused, **unused_kw):
+        pass
+
+    def __setstate__(self, unused):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+_TORCH_DTYPE_NAMES = dict(_TORCH_STORAGES, BFloat16Storage=None)
+
+
+class _TorchZipUnpickler(pickle.Unpickler):
+    """Rebuilds tensors as numpy arrays; any other global becomes :class:`_Inert`."""
+
+    def __init__(self, f: io.BufferedIOBase, read_record):
+        super().__init__(f)
+        self._read = read_record
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _TORCH_DTYPE_NAMES:
+            return ("dtype", name)
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        return type(f"Inert_{module}_{name}".replace(".", "_"), (_Inert,), {})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, kind, key, _location, numel = pid
+        if not (isinstance(kind, tuple) and kind[0] == "dtype"):
+            raise pickle.UnpicklingError(f"unsupported storage type {kind!r}")
+        if key not in self._storages:
+            if kind[1] == "BFloat16Storage":
+                import ml_dtypes
+
+                dtype = np.dtype(ml_dtypes.bfloat16)
+            else:
+                dtype = np.dtype(_TORCH_STORAGES[kind[1]])
+            raw = self._read(str(key))
+            if len(raw) != numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key} has {len(raw)} bytes, not {numel}")
+            storage = _Storage(dtype, numel)
+            storage.data = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+            self._storages[key] = storage
+        return self._storages[key]
+
+
+def _materialise(obj: Any) -> Any:
+    if isinstance(obj, _TensorRecord):
+        return obj.materialise()
+    if isinstance(obj, Mapping):
+        return OrderedDict((k, _materialise(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_materialise(v) for v in obj)
+    return obj
+
+
+def read_torch_zip(path: str | os.PathLike) -> Any:
+    """Reads a zip-format ``torch.save`` file (PyTorch ≥ 1.6, Lightning ``.ckpt``) without torch
+    and without running code from it: tensors become numpy arrays, containers stay, every other
+    object is dropped (see :class:`_Inert`)."""
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise WeightsError(f"{path}: not a zip-format torch checkpoint") from e
+    with archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pickles) != 1:
+            raise WeightsError(f"{path}: expected one data.pkl, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = prefix + "byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            raise WeightsError(f"{path}: big-endian files are not supported")
+
+        def read_record(key: str) -> bytes:
+            return archive.read(f"{prefix}data/{key}")
+
+        try:
+            obj = _TorchZipUnpickler(io.BytesIO(archive.read(pickles[0])), read_record).load()
+        except (pickle.UnpicklingError, KeyError, EOFError) as e:
+            raise WeightsError(f"{path}: {e}") from e
+    return _materialise(obj)
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a torch checkpoint's state dict (a Lightning ``.ckpt``'s
+    ``state_dict``, or the file's top-level dict), by name, read as :func:`read_torch_zip`
+    or :func:`read_torch_legacy` does."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return read_torch_legacy(path)
+    obj = read_torch_zip(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
 # ---------------------------------------------------------------- user files, no pickle

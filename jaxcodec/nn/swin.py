@@ -134,9 +134,22 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, (s, s), axis=(1, 2))
         x = x + y
         y = layers.group_norm(self.groups, 1e-5, name="norm2", **kw)(x)
-        y = layers.conv(int(self.dim * self.mlp_ratio), 1, name="fc1", **kw)(y)
-        y = layers.conv(self.dim, 1, name="fc2", **kw)(nn.gelu(y, approximate=False))
+        y = Mlp(int(self.dim * self.mlp_ratio), name="mlp", **kw)(y)
         return layers.constrain(x + y, layers.ACT_NHWC)
+
+
+class Mlp(nn.Module):
+    """1×1 conv, GELU (exact), 1×1 conv back to the input width."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.conv(self.hidden, 1, name="fc1", **kw)(x)
+        return layers.conv(x.shape[-1], 1, name="fc2", **kw)(nn.gelu(h, approximate=False))
 
 
 class _Projection(nn.Module):
