@@ -19,7 +19,7 @@ from jaxcodec.train import NonFiniteError, train_and_evaluate
 SMALL = [
     "model.N=16",
     "model.M=16",
-    "model.entropy_model=hyperprior",
+    "model.context_groups=(8,8)",  # the default ELIC entropy model, two groups
     "data.crop_size=64",
     "batch_size=8",
     "eval_data.max_images=1",
