@@ -55,6 +55,11 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(loss_eight, loss_one, rtol=2e-5)
     assert loss_one[0] != loss_one[2]  # the model trains: the losses are not a constant
 
+    # The 8-device model compresses and decompresses in fresh 1- and 8-device processes.
+    from test_multiprocess import check_portable_files
+
+    check_portable_files(tmp_path / "8", tmp_path)
+
     # Restoring the 8-device checkpoint on a 1-device mesh continues the same run.
     resumed = train_and_evaluate(
         small_config("total_steps=4", "mesh.num_devices=1"), tmp_path / "8"
