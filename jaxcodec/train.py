@@ -730,14 +730,13 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
-        ev = summary["eval"]
         print(
-            f"trained to step {summary['final_step']} (resumed from {summary['resumed_from']}); "
-            f"eval: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
-            + f"; skipped non-finite steps: {summary['nonfinite_total']}"
-            + f"; {summary['steps_per_sec'] or 0:.2f} steps/s"
+            f"trained to step {summary['final_step']} (resumed from {summary['resumed_from']}), "
+            f"{summary['nonfinite_total']} non-finite steps skipped, "
+            f"{summary['steps_per_sec'] or 0:.2f} steps/s overall (with evaluation and saving)"
         )
+        if summary["eval"]:
+            print("final eval: " + _format_metrics(summary["eval"]))
         if summary["codec"]:
             print(f"codec bundle (for jaxcodec compress/decompress/evaluate): {summary['codec']}")
         if summary["real_files"]:

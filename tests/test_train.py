@@ -232,6 +232,15 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     jxc = sorted((workdir / "final_eval").glob("*.jxc"))
     assert len(jxc) == 1 and jxc[0].stat().st_size > 16
     assert "measured bpp=" in first.stdout
+    # The console shows the project's own lines: one per log interval and the result; what
+    # libraries log (orbax, clu, absl) goes to the workdir's train.log.
+    assert [line.split()[:2] for line in first.stdout.splitlines() if line.startswith("step ")] == [
+        ["step", "1/3"],
+        ["step", "2/3"],
+        ["step", "3/3"],
+    ]
+    assert "orbax" not in first.stdout + first.stderr
+    assert "checkpoint_manager" in (workdir / "train.log").read_text()
     written = json.loads((workdir / "config.json").read_text())
     assert written["model"]["N"] == 16 and written["total_steps"] == 3
 
