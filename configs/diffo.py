@@ -50,8 +50,9 @@ def _vqgan(variant: str) -> ml_collections.ConfigDict:
     """taming's VQGAN f16 (`VAEConfig` fields): attention in the lowest-resolution level."""
     if variant == "full":
         channels, layers, groups, codes = (128, 128, 256, 256, 512), 2, 32, 16384
-    else:
-        channels, layers, groups, codes = (16, 16, 32, 32, 64), 1, 8, 512
+    else:  # ≥ 24 channels into conv_out: XLA CPU convolutions from ≤ 16 channels to ≤ 4
+        # round differently with another device count, and decoding must not
+        channels, layers, groups, codes = (24, 24, 32, 32, 64), 1, 8, 512
     n = len(channels)
     return ml_collections.ConfigDict(
         dict(
@@ -233,7 +234,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
         c.data.crop_size = 64
         c.batch_size = 4
-        c.optimizer.update(dict(lr=3e-4 if stage == 2 else 5e-4, warmup_steps=0))
+        c.optimizer.update(dict(lr=1e-3 if stage == 2 else 5e-4, warmup_steps=0))
         c.total_steps = 200
         c.log_every = 20
         c.eval_every = 0

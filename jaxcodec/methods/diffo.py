@@ -297,20 +297,22 @@ class DiffO(Method):
         _, rvq = self.model.apply({"params": params, **state}, z0, train=False, method="quantise")
         return rvq.indices
 
-    def render(self, params, frozen, codebooks, window, depth, noise_scale) -> jax.Array:
-        """One jitted decode: [indices (as floats) of every stage | ε] → uint8 pixels.
-
-        Only the first `depth` stages count; `noise_scale` is the absolute level s. The latent is
-        edge-padded to the Swin-UNet's multiple and cropped back before the VQGAN decoder.
-        """
+    def code(self, codebooks: jax.Array, window: jax.Array, depth) -> jax.Array:
+        """z_q: the sum of the first `depth` stages' codes of the indices in `window`'s first
+        channels (indices as floats, exact below 2^24)."""
         stages = codebooks.shape[0]
         idx = window[..., :stages].astype(jnp.int32)
         code = jnp.stack([codebooks[k][idx[..., k]] for k in range(stages)])
-        z_q = jnp.sum(jnp.where(jnp.arange(stages)[:, None, None, None, None] < depth, code, 0), 0)
-        if self.stage == 1:
-            x = self.model.apply({"params": params}, z_q, method="render")
-            return to_uint8((x + 1.0) / 2.0)
-        eps = window[..., stages:]
+        depth = jnp.broadcast_to(jnp.asarray(depth), (window.shape[0],))  # per image
+        used = jnp.arange(stages).reshape(-1, 1, 1, 1, 1) < depth.reshape(1, -1, 1, 1, 1)
+        return jnp.sum(jnp.where(used, code, 0.0), axis=0)
+
+    def decode_latent(self, params, codebooks, window, depth, noise_scale) -> jax.Array:
+        """[indices | ε] → ẑ_0: the base code's z_base, one residual-shifting step from
+        ``z_base + s·κ·sqrt(η_T)·ε`` (s = `noise_scale`), the denoiser's x_0. The latent is
+        edge-padded to the Swin-UNet's multiple and cropped back."""
+        z_q = self.code(codebooks, window, depth)
+        eps = window[..., codebooks.shape[0] :]
         n, h, w, _ = z_q.shape
         m = self.unet_multiple
         pad = ((0, 0), (0, -h % m), (0, -w % m), (0, 0))
@@ -318,7 +320,17 @@ class DiffO(Method):
         z_base = self.model.apply({"params": params}, z_q, method="base_latent")
         denoise = Partial(self._denoiser_fn, params, z_q, noise_scale)
         z0_hat = residual_shift_sample(denoise, self.schedule, z_base, eps, noise_scale=noise_scale)
-        x = self.vqgan.apply({"params": frozen["vqgan"]}, z0_hat[:, :h, :w], method="decode")
+        return z0_hat[:, :h, :w]
+
+    def render(self, params, frozen, codebooks, window, depth, noise_scale) -> jax.Array:
+        """One jitted decode: [indices (as floats) of every stage | ε] → uint8 pixels. Only the
+        first `depth` stages count; `noise_scale` is the absolute level s."""
+        if self.stage == 1:
+            z_q = self.code(codebooks, window, depth)
+            x = self.model.apply({"params": params}, z_q, method="render")
+        else:
+            z0_hat = self.decode_latent(params, codebooks, window, depth, noise_scale)
+            x = self.vqgan.apply({"params": frozen["vqgan"]}, z0_hat, method="decode")
         return to_uint8((x + 1.0) / 2.0)
 
     def codebooks(self, tables) -> np.ndarray:
@@ -340,32 +352,34 @@ class DiffO(Method):
 
     def evaluate(self, variables: Variables, images, valid_hw, rng):
         """Estimated bpp (code usage), PSNR and LPIPS at the configured rate point, plus bpp and
-        PSNR at every rate point (`bpp_r1`, `psnr_r1`, ...), on the unpadded region."""
-        v = variables
+        PSNR at every rate point (`bpp_r1`, `psnr_r1`, ...), on the unpadded region. Every rate
+        point is decoded in one batch."""
+        v, n, rates = variables, images.shape[0], self.num_rates
         idx = self.analyse(v.params, v.state, v.frozen, images)
-        tables_like = self._codebooks_from_state(v.state)
         eps = jax.random.normal(rng, (*idx.shape[:3], self.vqgan_config.embed_dim))
         if self.stage == 1:
             eps = eps[..., :0]
         window = jnp.concatenate([idx.astype(jnp.float32), eps], axis=-1)
+        depth = jnp.repeat(jnp.arange(1, rates + 1), n)
+        level = jnp.repeat(jnp.asarray(self.levels), n) * float(self.config.decode.noise_level)
+        codebooks = self._codebooks_from_state(v.state)
+        recon = self.render(
+            v.params, v.frozen, codebooks, jnp.tile(window, (rates, 1, 1, 1)), depth, level
+        )
         h, w = valid_hw
+        recon = recon[:, :h, :w].reshape(rates, n, h, w, 3)
         ref = to_uint8(images[:, :h, :w])
         default = int(self.config.decode.rate_index)
-        metrics, recon_out = {}, None
-        for r in range(self.num_rates):
-            s = self.levels[r] * float(self.config.decode.noise_level)
-            recon = self.render(v.params, v.frozen, tables_like, window, r + 1, s)[:, :h, :w]
-            err = recon.astype(jnp.float32) - ref.astype(jnp.float32)
-            psnr = psnr_from_mse(jnp.mean(jnp.square(err), axis=(1, 2, 3)), 255.0)
-            bpp = self._bits(v.state, idx, r + 1) / (h * w)  # every coded index counts
-            metrics[f"bpp_r{r}"], metrics[f"psnr_r{r}"] = bpp, psnr
-            if r == default:
-                recon_out = recon
-                metrics["bpp"], metrics["psnr"] = bpp, psnr
-                metrics["lpips"] = self._perceptual(
-                    v.frozen, to_float(recon) * 2.0 - 1.0, to_float(ref) * 2.0 - 1.0
-                )
-        return metrics, recon_out
+        metrics = {}
+        for r in range(rates):
+            err = recon[r].astype(jnp.float32) - ref.astype(jnp.float32)
+            metrics[f"psnr_r{r}"] = psnr_from_mse(jnp.mean(jnp.square(err), axis=(1, 2, 3)), 255.0)
+            metrics[f"bpp_r{r}"] = self._bits(v.state, idx, r + 1) / (h * w)  # every coded index
+        metrics["bpp"], metrics["psnr"] = metrics[f"bpp_r{default}"], metrics[f"psnr_r{default}"]
+        metrics["lpips"] = self._perceptual(
+            v.frozen, to_float(recon[default]) * 2.0 - 1.0, to_float(ref) * 2.0 - 1.0
+        )
+        return metrics, recon[default]
 
     def _codebooks_from_state(self, state) -> jax.Array:
         if self.stage == 1:
