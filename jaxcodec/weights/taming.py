@@ -283,7 +283,9 @@ def diffo_params(
     the base-code ``EMAVQModelTorch``) → (params of jaxcodec's ``DiffOModel``, ``vq_stats``).
 
     ``template`` is the DiffOModel params tree; the noise-level embedding (jaxcodec's, absent
-    from the official model) is set to zero so the imported denoiser ignores it."""
+    from the official model) is set to zero so the imported denoiser ignores it. The official
+    codebook becomes the first residual-VQ stage (rate point 0); later stages, which the
+    official model lacks, are left to their initialisation."""
     unet = {}
     for key, value in unet_state.items():
         new = swin_unet_key(key.removeprefix("module."), layers_per_block, num_levels)
