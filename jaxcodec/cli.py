@@ -175,6 +175,30 @@ def _export(args) -> int:
     return 0
 
 
+# `import-weights --format NAME`: converters of public checkpoints, as "module:function"
+# taking (source, output, config spec or None) and returning a one-line report.
+IMPORT_FORMATS: dict[str, str] = {"vqgan": "jaxcodec.weights.taming:import_vqgan_cli"}
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="the public checkpoint (.safetensors, .ckpt, .pth)")
+    p.add_argument("output", help="the weights file in jaxcodec's format")
+    p.add_argument("--format", required=True, choices=sorted(IMPORT_FORMATS))
+    p.add_argument("--config", default=None, help="config whose model it is (default: per format)")
+
+
+@subcommand("import-weights", _import_args)
+def _import_weights(args) -> int:
+    import importlib
+
+    module, _, name = IMPORT_FORMATS[args.format].partition(":")
+    convert = getattr(importlib.import_module(module), name)
+    report = []
+    atomic_write(args.output, lambda tmp: report.append(convert(args.source, tmp, args.config)))
+    print(f"{args.output}: {report[0]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcodec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

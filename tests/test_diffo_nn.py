@@ -327,3 +327,29 @@ def test_scale_shift_resnet_matches_diffusers():
     with torch.no_grad():
         want = ref(x, temb).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_import_weights_cli_feeds_stage_two(tmp_path):
+    """`jaxcodec import-weights --format vqgan` on a taming-layout checkpoint gives the file
+    that `model.vqgan_path` loads as DiffO's frozen VQGAN, tensor for tensor."""
+    from jaxcodec.cli import main
+
+    config = load_config("configs/diffo.py:tiny")
+    method = get_method(config)
+    model = VQModel(method.vqgan_config)
+    params = nn.unbox(model.init(jax.random.key(3), jnp.zeros((1, 16, 16, 3)))["params"])
+    state = collections.OrderedDict()
+    for key, value in dw.params_to_state_dict(params).items():
+        if re.search(r"attentions\.\d+\.to_(q|k|v|out\.0)\.weight$", key):
+            value = value[:, :, None, None]
+        state[_taming_key(key, 5)] = torch.from_numpy(np.ascontiguousarray(value))
+    torch.save({"state_dict": state}, tmp_path / "taming.ckpt")
+    out = tmp_path / "vqgan.safetensors"
+    args = ["import-weights", str(tmp_path / "taming.ckpt"), str(out), "--format", "vqgan"]
+    assert main([*args, "--config", "configs/diffo.py:tiny"]) == 0
+    config.model.vqgan_path = str(out)
+    loaded = get_method(config).pretrained()["vqgan"].load()
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+    # the wrong architecture (the full config's) is one clear error, and no output file
+    assert main([*args[:2], str(tmp_path / "full.safetensors"), *args[3:]]) == 2
+    assert not (tmp_path / "full.safetensors").exists()

@@ -271,6 +271,24 @@ def import_vqgan(src: str | os.PathLike, dst: str | os.PathLike, config) -> dict
     }
 
 
+def import_vqgan_cli(source, output, config_spec: str | None) -> str:
+    """`jaxcodec import-weights --format vqgan SOURCE OUTPUT [--config configs/diffo.py:full]`:
+    the architecture is the config's ``model.vqgan`` (default: taming's f16, 16384 codes)."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.nn.vae import VAEConfig
+
+    config = load_config(config_spec or "configs/diffo.py:full")
+    vqgan = VAEConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.vqgan.items()}
+    )
+    info = import_vqgan(source, output, vqgan)
+    dropped = f", dropped {'/'.join(info['dropped'])}.*" if info["dropped"] else ""
+    return (
+        f"VQGAN with {info['parameters']:,} parameters and codebook {info['codebook']}{dropped}; "
+        "use it with --config.model.vqgan_path"
+    )
+
+
 def diffo_params(
     unet_state: Mapping[str, np.ndarray],
     autoencoder_state: Mapping[str, np.ndarray],
