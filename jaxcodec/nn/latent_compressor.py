@@ -50,11 +50,17 @@ class LatentCompressorConfig:
     groups: tuple[int, ...] = (8, 8, 8, 8, 16, 16, 32, 32, 64, 64)  # y's channel groups
     num_codes: int = 16384  # VQ codebook (index bits: ceil(log2))
     context: str = "rdeic"  # context recipe (jaxcodec.entropy.context.RECIPES)
+    # Residual blocks of g_a before / after its strided block (g_s mirrors them). The official
+    # (4, 3); fewer only to make tiny test models compile faster.
+    res_blocks: tuple[int, int] = (4, 3)
     vq_beta: float = 0.25
     vq_decay: float = 0.99
 
     def __post_init__(self):
         object.__setattr__(self, "groups", channel_groups(self.M, self.groups))
+        object.__setattr__(self, "res_blocks", tuple(int(b) for b in self.res_blocks))
+        if len(self.res_blocks) != 2 or min(self.res_blocks) < 1:
+            raise ValueError(f"res_blocks must be two counts >= 1, got {self.res_blocks}")
 
 
 class CompressorOutput(NamedTuple):
@@ -74,15 +80,11 @@ class LatentCompressor(nn.Module):
     def setup(self):
         c = self.config
         M, N = c.M, c.N
+        before, after = c.res_blocks
         self.g_a = [
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
+            *[ResidualBlock(M) for _ in range(before)],
             ResidualBlockWithStride(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
+            *[ResidualBlock(M) for _ in range(after)],
             layers.conv(M, 3),
         ]
         self.h_a = [
@@ -99,14 +101,9 @@ class LatentCompressor(nn.Module):
         ]
         self.g_s = [
             layers.conv(M, 3),
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
+            *[ResidualBlock(M) for _ in range(after)],
             ResidualBlockUpsample(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
-            ResidualBlock(M),
+            *[ResidualBlock(M) for _ in range(before)],
         ]
         self.out = layers.conv(c.out_channels, 3)
         self.context = SpaceChannelContext(c.groups, c.context)

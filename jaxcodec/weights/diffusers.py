@@ -341,3 +341,62 @@ def load_control_adapter(folder: str | os.PathLike, unet_config, variant: str | 
     config = ControlAdapterConfig.from_diffusers(config_dict)
     shapes = controlled_param_shapes(unet_config, config)["adapter"]
     return config, state_dict_to_params(state, shapes, dtype=unet_config.params_dtype)
+
+
+def random_params(shapes, seed: int = 0) -> dict:
+    """Random parameters for a params tree of shapes, drawn with numpy (no XLA compilation):
+    kernels N(0, 1/fan_in), norm scales near 1, biases and everything else small. Zero-
+    initialised layers get signal too, as trained weights have."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = tuple(leaf.shape)
+        if name == "kernel" and len(shape) >= 2:
+            return rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape).astype(np.float32)
+        if name == "scale":
+            return (1.0 + 0.05 * rng.normal(size=shape)).astype(np.float32)
+        return (0.02 * rng.normal(size=shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes))
+
+
+def write_random_pipeline(
+    folder: str | os.PathLike,
+    unet_config,
+    vae_config,
+    text_condition_shape: tuple[int, ...],
+    seed: int = 0,
+) -> Path:
+    """A random SD-shaped pipeline folder (``unet/``, ``vae/``, the empty prompt's embedding)
+    in the real formats: what tiny configs and tests train on instead of SD weights.
+
+    Deterministic in ``seed`` (so its digest is stable) and written atomically: a folder that
+    exists is complete, and concurrent writers of the same folder do not collide.
+    """
+    import shutil
+    import tempfile
+
+    from jaxcodec.nn.unet import unet_param_shapes
+    from jaxcodec.nn.vae import vae_param_shapes
+
+    folder = Path(folder)
+    if (folder / "unet" / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        unet = random_params(unet_param_shapes(unet_config), seed)
+        write_folder(tmp / "unet", unet_config.to_diffusers(), unet)
+        vae = random_params(vae_param_shapes(vae_config), seed + 1)
+        write_folder(tmp / "vae", vae_config.to_diffusers(), vae)
+        text = np.random.default_rng(seed + 2).normal(size=text_condition_shape)
+        np.save(tmp / TEXT_CONDITION_NAMES[0], text.astype(np.float32))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: keep its (identical) folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,207 @@
+"""RDEIC (Li et al., relay residual diffusion). `configs/rdeic.py:VARIANT[,stage=S][,lambda_r=L]`.
+
+tiny — a random SD-shaped backbone (written on the fly as a diffusers folder, see
+       `tiny_sd_folder`), a small compressor and adapter: both stages train in seconds on a CPU.
+full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`: unet/, vae/ and
+       text_encoder/ or empty_prompt_embedding.npy), the paper's compressor (N = M = 256, 10
+       slices, 16384 codes) and adapter (0.2 width, 16-channel heads); FSDP over all devices, the
+       UNet frozen, bf16 activations, remat.
+
+Stages (one model per rate point λ_r ∈ {2, 1, 0.5, 0.25, 0.1}):
+  stage=1  independent timesteps: λ_r·‖ẑ_0 − z_0‖² + R + L_vq + λ_r·‖z_c − z_0‖²;
+           batch 4, 512 crops, lr 1e-4 then 2e-5.
+  stage=2  fixed-step fine-tuning through the whole 2-step (λ_r ≥ 1) or 5-step chain and the VAE
+           decoder: λ_r·(MSE + 0.5·LPIPS) + R + L_vq + λ_r·‖z_c − z_0‖²; 256 crops, lr 2e-5;
+           starts from stage 1 (`--config.init_from=STAGE1_WORKDIR`).
+`launch/rdeic_rates.sh` trains both stages of all five rate points.
+"""
+
+import os
+from pathlib import Path
+
+import ml_collections
+
+from jaxcodec.data import default_data_config
+
+VARIANTS = ("tiny", "full")
+RATE_POINTS = (2.0, 1.0, 0.5, 0.25, 0.1)
+
+# The tiny backbone: SD's blocks (cross-attention transformers, a mid block, an 8× VAE with 4
+# latent channels) at toy widths and one UNet level — XLA's compile time on a CPU grows with
+# the number of layers, and the tests compile every program of both stages. Diffusers fields.
+TINY_UNET = dict(
+    block_out_channels=[32],
+    down_block_types=["CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D"],
+    layers_per_block=1,
+    attention_head_dim=[2],
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8,
+)
+TINY_VAE = dict(
+    block_out_channels=[8, 16, 16, 16],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+    sample_size=64,
+)
+TINY_TEXT_SHAPE = (1, 8, 32)  # the empty prompt's embedding (SD 2.x: 1×77×1024)
+
+
+def tiny_sd_folder() -> str:
+    """Writes (once) and returns a random tiny SD pipeline folder in diffusers format, in
+    $JAXCODEC_CACHE (default ~/.cache/jaxcodec); deterministic, so its digest is stable."""
+    from jaxcodec.nn.unet import UNetConfig
+    from jaxcodec.nn.vae import VAEConfig
+    from jaxcodec.weights.diffusers import write_random_pipeline
+
+    root = Path(os.environ.get("JAXCODEC_CACHE", Path.home() / ".cache" / "jaxcodec"))
+    folder = root / "rdeic_tiny_sd_v2"
+    unet = UNetConfig.from_diffusers(TINY_UNET)
+    vae = VAEConfig.from_diffusers(TINY_VAE)
+    return str(write_random_pipeline(folder, unet, vae, TINY_TEXT_SHAPE, seed=0))
+
+
+def parse_arg(arg: str | None) -> dict:
+    """'full,stage=2,lambda_r=0.5' → {'variant': 'full', 'stage': 2, 'lambda_r': 0.5}."""
+    out = {"variant": "tiny", "stage": 1, "lambda_r": 2.0}
+    for i, item in enumerate((arg or "tiny").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep and i == 0:
+            out["variant"] = key
+        elif key == "stage":
+            out["stage"] = int(value)
+        elif key == "lambda_r":
+            out["lambda_r"] = float(value)
+        else:
+            raise ValueError(f"unknown argument {item!r} of configs/rdeic.py (stage=, lambda_r=)")
+    if out["variant"] not in VARIANTS:
+        raise ValueError(f"unknown variant {out['variant']!r}; choose from {VARIANTS}")
+    if out["stage"] not in (1, 2):
+        raise ValueError(f"RDEIC has stages 1 and 2, not {out['stage']}")
+    return out
+
+
+def fixed_steps(lambda_r: float) -> int:
+    """The paper's fine-tuning chains: 2 steps for λ_r ∈ {2, 1}, 5 below."""
+    return 2 if lambda_r >= 1.0 else 5
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = parse_arg(arg)
+    variant, stage, lambda_r = a["variant"], a["stage"], a["lambda_r"]
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.method = "rdeic"
+    c.stage = stage
+    c.init_from = ""  # stage 2: the stage-1 workdir (or its codec bundle)
+    c.seed = 0
+
+    # --- Model. The SD folder's own config.json files are the authority for the backbone.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            sd_path="",  # diffusers SD 2.1-base folder; '' = SD 2.1-base shapes only
+            unet_dtype="float32",  # compute dtype of the frozen UNet and the adapter
+            remat=False,  # rematerialise UNet blocks (and the VAE decoder in stage 2)
+            scale_factor=0.18215,
+            relay_start=300,  # N: the sampler starts at index N - 1
+            compressor=ml_collections.ConfigDict(
+                dict(
+                    N=256,
+                    M=256,
+                    groups=(8, 8, 8, 8, 16, 16, 32, 32, 64, 64),
+                    num_codes=16384,
+                    res_blocks=(4, 3),  # residual blocks around g_a's stride (g_s mirrors)
+                )
+            ),
+            adapter=ml_collections.ConfigDict(dict(size_ratio=0.2, head_channels=16)),
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            lambda_r=lambda_r,  # the rate point: distortion weight
+            lpips_weight=0.5,  # stage 2
+            fixed_steps=fixed_steps(lambda_r),  # stage 2: sampler steps trained through
+        )
+    )
+    # Decoder settings written into every file's header (the decoder repeats them).
+    c.decode = ml_collections.ConfigDict(dict(steps=2, guidance=1.0, seed=0))
+
+    # --- Data.
+    c.data = default_data_config(source="folder", crop_size=512 if stage == 1 else 256)
+    c.eval_data = default_data_config(source="skimage")
+    c.eval_data.max_images = 4
+    c.batch_size = 4
+
+    # --- Optimiser: AdamW; stage 1 drops the lr from 1e-4 to 2e-5 for its last fifth.
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4 if stage == 1 else 2e-5,
+            schedule="step" if stage == 1 else "constant",
+            decay_at=(0.8,) if stage == 1 else (),
+            decay_factor=0.2,
+            end_factor=1.0,
+            warmup_steps=0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=1.0,
+            aux_lr=1e-4,
+            frozen=(),
+        )
+    )
+    c.ema_decay = 0.999
+
+    c.total_steps = 300_000 if stage == 1 else 100_000
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 5_000
+    c.keep_checkpoints = 3
+    c.checkpoint_async = False
+    c.max_consecutive_nonfinite = 20
+    c.num_eval_images_logged = 2
+    c.real_file_eval = True
+
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            shape=(-1, 1, 1),
+            axes=("data", "fsdp", "tensor"),
+            num_devices=0,
+            logical_axis_rules=(
+                ("batch", ("data", "fsdp")),
+                ("embed", "fsdp"),
+                ("conv_out", "fsdp"),
+                ("mlp", "tensor"),
+                ("heads", "tensor"),
+            ),
+        )
+    )
+
+    if variant == "tiny":
+        c.model.sd_path = tiny_sd_folder()
+        c.model.compressor = ml_collections.ConfigDict(
+            dict(N=32, M=32, groups=(8, 24), num_codes=64, res_blocks=(1, 1))
+        )
+        c.model.adapter = ml_collections.ConfigDict(dict(size_ratio=0.25, head_channels=4))
+        c.data = default_data_config(source="skimage", crop_size=64)
+        c.eval_data.max_images = 2
+        c.batch_size = 4
+        c.optimizer.lr = 1e-3 if stage == 1 else 2e-4
+        c.total_steps = 200
+        c.log_every = 20
+        c.eval_every = 200
+        c.checkpoint_every = 100
+        c.ema_decay = 0.9
+    elif variant == "full":
+        c.model.unet_dtype = "bfloat16"
+        c.model.remat = True
+        c.data.num_workers = 8
+        c.eval_data = default_data_config(source="folder")
+        c.eval_data.path = "../shared/data/kodak"
+        c.eval_data.max_images = 24
+        c.mesh.shape = (1, -1, 1)  # FSDP over every device; the batch splits over it too
+    return c
