@@ -1,6 +1,6 @@
 """Decoding memory per pixel: peak RSS of `jaxcodec decompress` at two image sizes.
 
-Each decode runs in a fresh process (so the peak is its own); the marginal cost per pixel is
+Each decode runs in a fresh process (so the peak is its own; Linux); the marginal cost per pixel is
 (peak_large - peak_small) / (pixels_large - pixels_small), which removes the fixed cost of the
 interpreter, JAX and the model. Prints one JSON line.
 
@@ -21,12 +21,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Peak RSS from /proc (VmHWM belongs to this process image; ru_maxrss would also count the
+# parent's memory that a vfork/exec child inherits in its high-water mark).
 _DECODE = """
-import resource, sys
+import sys
 from jaxcodec.codec import load_codec
 codec = load_codec(sys.argv[1], max_pixels=1 << 28)
 image = codec.decompress(open(sys.argv[2], "rb").read())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, image.shape[0] * image.shape[1])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(int(hwm) * 1024, image.shape[0] * image.shape[1])
 """
 
 
