@@ -177,7 +177,10 @@ def _export(args) -> int:
 
 # `import-weights --format NAME`: converters of public checkpoints, as "module:function"
 # taking (source, output, config spec or None) and returning a one-line report.
-IMPORT_FORMATS: dict[str, str] = {"vqgan": "jaxcodec.weights.taming:import_vqgan_cli"}
+IMPORT_FORMATS: dict[str, str] = {
+    "vqgan": "jaxcodec.weights.taming:import_vqgan_cli",
+    "rdeic": "jaxcodec.weights.rdeic:import_rdeic_cli",  # also takes --sd
+}
 
 
 def _import_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +188,7 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the weights file in jaxcodec's format")
     p.add_argument("--format", required=True, choices=sorted(IMPORT_FORMATS))
     p.add_argument("--config", default=None, help="config whose model it is (default: per format)")
+    p.add_argument("--sd", default=None, help="rdeic: the SD 2.1-base diffusers folder it runs on")
 
 
 @subcommand("import-weights", _import_args)
@@ -193,8 +197,11 @@ def _import_weights(args) -> int:
 
     module, _, name = IMPORT_FORMATS[args.format].partition(":")
     convert = getattr(importlib.import_module(module), name)
+    extra = {"sd": args.sd} if args.sd else {}
     report = []
-    atomic_write(args.output, lambda tmp: report.append(convert(args.source, tmp, args.config)))
+    atomic_write(
+        args.output, lambda tmp: report.append(convert(args.source, tmp, args.config, **extra))
+    )
     print(f"{args.output}: {report[0]}")
     return 0
 
