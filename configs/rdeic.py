@@ -128,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # Decoder settings written into every file's header (the decoder repeats them).
-    c.decode = ml_collections.ConfigDict(dict(steps=2, guidance=1.0, seed=0))
+    c.decode = ml_collections.ConfigDict(dict(steps=fixed_steps(lambda_r), guidance=1.0, seed=0))
 
     # --- Data.
     c.data = default_data_config(source="folder", crop_size=512 if stage == 1 else 256)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# RDEIC's five rate points (one model per λ_r): stage 1 (independent timesteps), then stage 2
+# (fixed-step fine-tuning: 2 steps for λ_r ≥ 1, 5 below) from it; then every final model is
+# evaluated on one folder of images with the steps it was fine-tuned for.
+#   SD=/path/to/stable-diffusion-2-1-base DATA=/path/to/train/photos launch/rdeic_rates.sh runs/rdeic [extra flags]
+# Extra flags go to every training run (e.g. --config.total_steps=1000); VARIANT=tiny for a
+# smoke run on a CPU (then SD and DATA are not needed); LAMBDAS overrides the rate points.
+set -euo pipefail
+root="${1:?root directory for the runs}"; shift
+variant="${VARIANT:-full}"
+python="${PYTHON:-python}"
+common=()
+if [[ "$variant" != tiny ]]; then
+  : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
+  common+=(--config.model.sd_path="$SD" --config.data.path="$DATA")
+fi
+runs=()
+for lambda_r in ${LAMBDAS:-2 1 0.5 0.25 0.1}; do
+  dir="$root/lambda_$lambda_r"
+  "$python" -m jaxcodec.train --config "configs/rdeic.py:$variant,stage=1,lambda_r=$lambda_r" \
+    --workdir "$dir/stage1" "${common[@]}" "$@"
+  "$python" -m jaxcodec.train --config "configs/rdeic.py:$variant,stage=2,lambda_r=$lambda_r" \
+    --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@"
+  runs+=("$dir/stage2")
+done
+"$python" -m jaxcodec.evaluate --checkpoint "${runs[@]}" --data "${EVAL_DATA:-../shared/data/kodak}" \
+  --out "$root/eval"
