@@ -57,12 +57,12 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
         root = tmp_path_factory.mktemp("rdeic")
-        c1 = _config("configs/rdeic.py:tiny", total_steps=60, log_every=20)
+        c1 = _config("configs/rdeic.py:tiny", total_steps=120, log_every=1)
         s1 = train_and_evaluate(c1, root / "stage1")
         c2 = _config(
             "configs/rdeic.py:tiny,stage=2",
             total_steps=40,
-            log_every=20,
+            log_every=1,
             init_from=str(root / "stage1"),
         )
         s2 = train_and_evaluate(c2, root / "stage2")
@@ -74,11 +74,14 @@ def _losses(summary):
 
 
 def test_both_stages_train_and_losses_fall(runs):
+    """Per-step losses, averaged over the first and last steps of each stage (the relay
+    timestep and the crops make single steps noisy)."""
     s1, s2 = _losses(runs["stage1"]), _losses(runs["stage2"])
-    print(f"stage 1 losses {s1}; stage 2 losses {s2}")
-    assert len(s1) == 3 and len(s2) == 2
-    assert all(np.isfinite(s1 + s2))
-    assert s1[-1] < s1[0] and s2[-1] < s2[0]
+    assert len(s1) == 120 and len(s2) == 40 and all(np.isfinite(s1 + s2))
+    first1, last1 = np.mean(s1[:10]), np.mean(s1[-20:])
+    first2, last2 = np.mean(s2[:5]), np.mean(s2[-10:])
+    print(f"stage 1 loss {first1:.4f} -> {last1:.4f}; stage 2 loss {first2:.4f} -> {last2:.4f}")
+    assert last1 < 0.85 * first1 and last2 < 0.95 * first2
     assert runs["stage1"]["nonfinite_total"] == runs["stage2"]["nonfinite_total"] == 0
     last = runs["stage2"]["history"][-1]
     assert {"lpips", "mse", "bpp", "z_c_mse", "vq_loss"} <= set(last)

@@ -176,9 +176,7 @@ class RDEIC(Method):
         out = {
             "unet": unet_param_shapes(self.unet_config),
             "vae": vae_param_shapes(self.vae_config),
-            "text": jax.ShapeDtypeStruct(
-                (1, 77, self.unet_config.cross_attention_dim), jnp.float32
-            ),
+            "text": jax.ShapeDtypeStruct(self._text_shape(), jnp.float32),
         }
         if self.stage == 2:
             from jaxcodec.metrics.lpips import lpips_params
@@ -187,6 +185,14 @@ class RDEIC(Method):
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), lpips_params("alex")
             )
         return out
+
+    def _text_shape(self) -> tuple[int, ...]:
+        """The stored empty-prompt embedding's shape, else SD 2.x's (1, 77, width)."""
+        path = Path(self.config.model.sd_path or ".") / dw.TEXT_CONDITION_NAMES[0]
+        if self.config.model.sd_path and path.is_file():
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return tuple(shape) if len(shape) == 3 else (1, *shape)
+        return (1, 77, self.unet_config.cross_attention_dim)
 
     def init_from(self, previous) -> StageStart:
         if self.stage != 2:
