@@ -21,6 +21,14 @@ def RBG(seed: int) -> jax.Array:  # noqa: N802
     return jax.random.key(seed, impl="rbg")
 
 
+def random_init(module, *args, seed: int = 0, **kwargs) -> dict:
+    """Variables of ``module`` drawn with numpy from its shapes: no initialiser to compile."""
+    from jaxcodec.weights.diffusers import random_params
+
+    shapes = jax.eval_shape(lambda: module.init({"params": RBG(0)}, *args, **kwargs))
+    return random_params(shapes, seed)
+
+
 def _to_torch_conv(conv: "torch.nn.Conv2d", p: dict) -> None:
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()))
@@ -114,8 +122,7 @@ def test_rdeic_context_matches_the_official_layers():
     ctx = context_lib.SpaceChannelContext(groups, "rdeic")
     y = jax.random.normal(jax.random.key(0), (1, 4, 4, 16)) * 2
     hyper = jax.random.normal(jax.random.key(1), (1, 4, 4, 32))
-    init = jax.jit(lambda k: ctx.init({"params": k}, y, hyper, train=False)["params"])
-    p = init(RBG(2))
+    p = random_init(ctx, y, hyper, train=False)["params"]
     chan = p["channel_1"]
     assert [chan[f"layer_{i}"]["kernel"].shape for i in range(3)] == [
         (5, 5, 4, 224),
@@ -144,8 +151,7 @@ def test_rdeic_context_is_causal_and_codes_exactly():
     ctx = context_lib.SpaceChannelContext(groups, "rdeic")
     y = jax.random.normal(jax.random.key(0), (1, 6, 6, 16)) * 3
     hyper = jax.random.normal(jax.random.key(1), (1, 6, 6, 32))
-    init = jax.jit(lambda k: ctx.init({"params": k}, y, hyper, train=False)["params"])
-    params = init(RBG(2))
+    params = random_init(ctx, y, hyper, train=False, seed=2)["params"]
     apply = jax.jit(lambda v: ctx.apply({"params": params}, v, hyper, train=False))
     _, base = apply(y)
     anchors = context_lib.anchor_mask(6, 6, parity=1)
@@ -183,9 +189,15 @@ def test_latent_coding_round_trip():
     )
     model = lc.LatentCompressor(config)
     h = jax.random.normal(jax.random.key(0), (1, 16, 16, 8))
-    v = jax.jit(lambda k: model.init({"params": k}, h, train=False))(RBG(1))
-    y, z = jax.jit(lambda v: model.apply(v, h, method="analyse"))(v)
-    idx = np.asarray(jax.jit(lambda v: model.apply(v, z, method="hyper_indices"))(v))[0]
+    v = random_init(model, h, train=False, seed=1)
+
+    @jax.jit
+    def analyse(v):
+        y, z = model.apply(v, h, method="analyse")
+        return y, model.apply(v, z, method="hyper_indices")
+
+    y, idx = analyse(v)
+    idx = np.asarray(idx)[0]
     assert y.shape == (1, 8, 8, 16) and idx.shape == (2, 2)
     tables = lc.entropy_tables(config, v["params"], v["vq_stats"])
     coding = lc.LatentCoding()
