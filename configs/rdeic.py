@@ -5,7 +5,8 @@ tiny — a random SD-shaped backbone (written on the fly as a diffusers folder, 
 full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`: unet/, vae/ and
        text_encoder/ or empty_prompt_embedding.npy), the paper's compressor (N = M = 256, 10
        slices, 16384 codes) and adapter (0.2 width, 16-channel heads); FSDP over all devices, the
-       UNet frozen, bf16 activations, remat.
+       UNet frozen, bf16 activations, remat. Training photos: `--config.data.path=DIR`. The
+       paper's batch of 4 splits over up to 4 devices; raise `batch_size` on larger meshes.
 
 Stages (one model per rate point λ_r ∈ {2, 1, 0.5, 0.25, 0.1}):
   stage=1  independent timesteps: λ_r·‖ẑ_0 − z_0‖² + R + L_vq + λ_r·‖z_c − z_0‖²;
