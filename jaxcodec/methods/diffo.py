@@ -103,13 +103,6 @@ class DiffOModel(nn.Module):
         return self.denoise(z_base, jnp.zeros((z0.shape[0],), jnp.int32), z_q, 1.0)
 
 
-def _lcm(values) -> int:
-    out = 1
-    for v in values:
-        out = out * v // math.gcd(out, v)
-    return out
-
-
 @register("diffo")
 class DiffO(Method):
     console_metrics = ("mse", "lpips", "bpp")
@@ -145,20 +138,20 @@ class DiffO(Method):
             )
             c = self.unet_config
             n = len(c.block_out_channels)
-            self.unet_multiple = _lcm(
-                [w << i for i, w in enumerate(c.swin_windows)] + [c.swin_mid_window_size << n - 1]
-            )
+            # the UNet's latent sides: multiples of 2^(levels-1) and of every level's Swin window
+            self.unet_multiple = 1 << n - 1
+            if c.attention_block == "swin":
+                self.unet_multiple = math.lcm(
+                    *(w << i for i, w in enumerate(c.swin_windows)), c.swin_mid_window_size << n - 1
+                )
         self._coder = DiffOCoder(self)
 
     # --- Variables ---------------------------------------------------------------------------
 
-    def _latent_side(self) -> int:
-        return self.unet_multiple if self.stage == 2 else 1
-
     def init(self, rng: jax.Array, batch):
         if self.stage == 1:
             return self.model.init({"params": rng}, to_float(batch["image"]), train=False)
-        side = self._latent_side()
+        side = self.unet_multiple
         z0 = jnp.zeros((1, side, side, self.vqgan_config.embed_dim), jnp.float32)
         return self.model.init({"params": rng}, z0)
 
