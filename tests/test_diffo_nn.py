@@ -353,3 +353,20 @@ def test_import_weights_cli_feeds_stage_two(tmp_path):
     # the wrong architecture (the full config's) is one clear error, and no output file
     assert main([*args[:2], str(tmp_path / "full.safetensors"), *args[3:]]) == 2
     assert not (tmp_path / "full.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_full_config_losses_trace_at_the_official_crop(stage):
+    """Both stages' full-size training losses, by shapes only (batch 1, 256-pixel crops)."""
+    config = load_config(f"configs/diffo.py:full,stage={stage}")
+    config.model.vqgan_path = "unused.safetensors"
+    method = get_method(config)
+    batch = method.dummy_batch(1)
+    variables = jax.eval_shape(method.init, jax.random.key(0), batch)
+    params = nn.unbox(variables.pop("params"))
+    frozen = nn.unbox(method.abstract_frozen())
+    loss, metrics, state = jax.eval_shape(
+        method.loss, params, frozen, nn.unbox(variables), batch, jax.random.key(1)
+    )
+    assert loss.shape == () and {"mse", "lpips", "bpp"} <= set(metrics)
+    assert jax.tree.map(np.shape, state) == jax.tree.map(np.shape, nn.unbox(variables))
