@@ -32,7 +32,7 @@ def random_init(module, *args, seed: int = 0, **kwargs) -> dict:
 def _to_torch_conv(conv: "torch.nn.Conv2d", p: dict) -> None:
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()))
-        conv.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
+        conv.bias.copy_(torch.from_numpy(np.array(p["bias"])))
 
 
 def _nchw(x):
