@@ -4,6 +4,14 @@ tiny  — minutes on a 2-core CPU, scikit-image's photos (no data to download).
 base  — one accelerator, a folder of training photos (`--config.data.path=...`).
 full  — paper scale on a pod (CLIC via tfds; batch and steps of the published setup).
 Every field can be overridden on the command line, e.g. `--config.loss.lmbda=0.0018`.
+
+Two stages, trained in order by one command, each in its own sub-folder of the workdir
+(`stages=(1, 2)`: WORKDIR/stage1, WORKDIR/stage2, each resumable):
+  stage 1  the MSE autoencoder, R + λ·255²·MSE (the top-level fields below);
+  stage 2  the autoencoder frozen, the pixel-space score decoder (`decoder`), v-prediction on
+           the shifted cosine log-SNR; the fields of `stage2` override the top level.
+One stage alone: `--config.stages='(2,)'` (stage 2 starts from WORKDIR/stage1, or from
+`--config.init_from`), or `--config.stages='()' --config.stage=N` in the workdir itself.
 """
 
 import ml_collections
@@ -21,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.method = "hfd"
     c.stage = 1
+    c.stages = (1, 2)  # trained in order, in WORKDIR/stage1, WORKDIR/stage2; () = `stage` only
     c.init_from = ""  # workdir (or codec bundle) of the previous stage
     c.seed = 0
 
@@ -40,6 +49,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # R + λ·255²·MSE; λ sets the rate point (CompressAI's scale: 0.0018 ≈ 0.1 bpp on Kodak).
     c.loss = ml_collections.ConfigDict(dict(lmbda=0.0035))
+
+    # --- Stage 2: the score-based decoder. The project's UNet for pixels, no cross-attention
+    # (diffusers field names), input concat(z_t, stage-1 reconstruction, context, mask).
+    # Schedule: the cosine log-SNR shifted by η, kept finite by reparameterising the unshifted
+    # cosine onto [logsnr_min, logsnr_max] ('interpolate', the default: smooth, the shift exact
+    # at every t) or by clipping the shifted formula ('hard': flat where the clip is active).
+    # context_probability: share of training crops that see decode-time context (patch
+    # borders already generated), the rest none (the first patch group).
+    c.decoder = ml_collections.ConfigDict(
+        dict(
+            unet=dict(
+                block_out_channels=(128, 256, 256, 512),
+                down_block_types=(
+                    "DownBlock2D",
+                    "DownBlock2D",
+                    "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D",
+                ),
+                up_block_types=(
+                    "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D",
+                    "UpBlock2D",
+                    "UpBlock2D",
+                ),
+                layers_per_block=2,
+                attention_head_dim=(4, 4, 4, 8),
+                norm_num_groups=32,
+            ),
+            schedule=dict(eta=0.5, clip="interpolate", logsnr_min=-15.0, logsnr_max=15.0),
+            context_probability=0.75,
+        )
+    )
+    # Decode settings written into every file's header (`jaxcodec compress --option steps=8`):
+    # sampler steps, the seed of its noise, the patch size (a multiple of 64; images larger
+    # than one patch are generated in patch groups, overlap patch/4). patch_batch patches
+    # are sampled at once; sampler_eta 0 = DDIM, 1 = ancestral.
+    c.decode = ml_collections.ConfigDict(
+        dict(steps=8, seed=0, patch=256, patch_batch=4, sampler_eta=0.0)
+    )
 
     # --- Data.
     c.data = default_data_config(source="skimage", crop_size=256)
@@ -97,21 +145,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
+    # --- Stage 2 overrides of the fields above (optimiser, steps, batch, crops, weighting).
+    c.stage2 = ml_collections.ConfigDict(
+        dict(
+            total_steps=500_000,
+            batch_size=64,
+            data=dict(crop_size=256),
+            optimizer=dict(lr=1e-4, warmup_steps=1_000, clip_norm=1.0),
+            loss=dict(weighting="v"),  # the plain v-loss (see diffusion.loss_weight)
+            ema_decay=0.9999,
+        )
+    )
+    c.loss.weighting = "v"  # read by stage 2 only
+
     if variant == "tiny":
         c.model.N, c.model.M = 64, 96
         c.data.crop_size = 128
         c.batch_size = 8
         c.optimizer.lr = 3e-4
-        c.total_steps = 2_000
+        c.total_steps = 1_200
         c.log_every = 50
-        c.eval_every = 1_000
-        c.checkpoint_every = 500
+        c.eval_every = 0  # the run ends with real files instead
+        c.checkpoint_every = 400
         c.ema_decay = 0.99
+        c.decoder.unet.update(
+            block_out_channels=(16, 32, 64),
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=(1, 1, 2),
+            norm_num_groups=8,
+        )
+        c.decode.update(steps=4, patch=128)
+        c.stage2.update(total_steps=600, batch_size=8, ema_decay=0.99)
+        c.stage2.data.crop_size = 64
+        c.stage2.optimizer.update(lr=5e-4, warmup_steps=50)
     elif variant == "base":
         c.data = default_data_config(source="folder", crop_size=256)
         c.eval_data.max_images = 24
         c.batch_size = 16
         c.total_steps = 500_000
+        c.decoder.unet.update(
+            block_out_channels=(64, 128, 256),
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 4),
+        )
+        c.stage2.update(batch_size=16)
     elif variant == "full":
         c.model.N, c.model.M = 192, 320
         c.data = default_data_config(

@@ -28,6 +28,25 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return fv.config
 
 
+def stage_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+    """The config one stage trains with: a copy with `stage` set and the fields of the
+    `stage<N>` block (if any) laid over the top level, recursively."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.stage = int(stage)
+    block = config.get(f"stage{stage}")
+    if block is not None:
+        _overlay(out, block.to_dict())
+    return out
+
+
+def _overlay(config: ml_collections.ConfigDict, fields: dict) -> None:
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _overlay(config[key], value)
+        else:
+            config[key] = value
+
+
 def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The resolved config a training run wrote into its workdir."""
     path = Path(workdir) / "config.json"

@@ -204,13 +204,19 @@ class Evaluator:
 
 def real_file_evaluation(
     codec, images: list[tuple[str, np.ndarray]], out_dir: Path, num_decoded_saved: int = 2
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Compresses each image to a real `.jxc` file and decodes it again: bpp from file sizes
-    (header included), PSNR of the decoded 8-bit image."""
+    (header included), PSNR and LPIPS (AlexNet) of the decoded 8-bit image, and a side-by-side
+    PNG of the first image (original | stage-1 reconstruction, if the method has one |
+    decoded)."""
     from PIL import Image
 
+    from jaxcodec.metrics import lpips, lpips_params
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    bpps, psnrs = [], []
+    alex = lpips_params("alex")
+    rows: list[dict[str, float]] = []
+    side_by_side = None
     for i, (name, image) in enumerate(images):
         stem = Path(name).stem or f"image{i}"
         data = codec.compress(image)
@@ -218,10 +224,23 @@ def real_file_evaluation(
         decoded = codec.decompress(data)
         if i < num_decoded_saved:
             Image.fromarray(decoded).save(out_dir / f"{stem}_decoded.png")
+        if i == 0:
+            middle = codec.last_info.get("stage1_reconstruction")
+            panels = [image] + (
+                [] if middle is None else [middle[: image.shape[0], : image.shape[1]]]
+            )
+            side_by_side = out_dir / f"{stem}_side_by_side.png"
+            Image.fromarray(np.concatenate([*panels, decoded], axis=1)).save(side_by_side)
         mse = np.mean((decoded.astype(np.float64) - image.astype(np.float64)) ** 2)
-        bpps.append(8.0 * len(data) / (image.shape[0] * image.shape[1]))
-        psnrs.append(10.0 * np.log10(255.0**2 / max(mse, 1e-12)))
-    return {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "files": len(bpps)}
+        rows.append(
+            {
+                "bpp": 8.0 * len(data) / (image.shape[0] * image.shape[1]),
+                "psnr": 10.0 * np.log10(255.0**2 / max(mse, 1e-12)),
+                "lpips": float(lpips(image[None], decoded[None], params=alex)[0]),
+            }
+        )
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return out | {"files": len(rows), "side_by_side": str(side_by_side)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +521,13 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
 
     # --- Mesh and shardings ------------------------------------------------------------------
     mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
+    shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.shape]))
+    if config.batch_size % shards:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over the {shards} data-parallel "
+            f"devices of mesh {dict(mesh.shape)}; use a multiple of {shards} "
+            "(or --config.mesh.num_devices)"
+        )
     rules = [tuple(r) for r in config.mesh.logical_axis_rules]
     state_shardings = shd.tree_shardings(abstract_state, mesh, rules)
     abstract_state = nn.unbox(abstract_state)
@@ -652,7 +678,8 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
             method, variables, bundle.tables, name=method.name, frozen_identity=identity
         )
         real_files = real_file_evaluation(codec, eval_images, workdir / "final_eval")
-        writer.write_scalars(step, {f"real_files/{k}": v for k, v in real_files.items()})
+        scalars = {k: v for k, v in real_files.items() if isinstance(v, int | float)}
+        writer.write_scalars(step, {f"real_files/{k}": v for k, v in scalars.items()})
         logging.info("real files at step %d: %s", step, real_files)
     jax.block_until_ready(state)
     timed_steps = step - first_step if step > start_step else 0
@@ -719,6 +746,27 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
+def train_stages(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
+    """Trains `config.stages` in order, stage N in WORKDIR/stageN starting from the stage
+    before it (or from `config.init_from` for the first one listed); with no `stages`, trains
+    `config.stage` in the workdir itself. Each stage resumes on its own."""
+    from jaxcodec.configlib import stage_config
+
+    workdir = Path(workdir)
+    stages = tuple(int(n) for n in (config.get("stages") or ()))
+    if not stages:
+        return [train_and_evaluate(stage_config(config, config.get("stage", 1)), workdir)]
+    summaries = []
+    for i, n in enumerate(stages):
+        cfg = stage_config(config, n)
+        cfg.stages = ()
+        if n > 1 and not (i == 0 and config.get("init_from")):
+            cfg.init_from = str((workdir / f"stage{n - 1}").absolute())
+        _console(f"=== stage {n} of {config.method}: {workdir / f'stage{n}'}")
+        summaries.append(train_and_evaluate(cfg, workdir / f"stage{n}"))
+    return summaries
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -728,7 +776,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train_stages(FLAGS.config, FLAGS.workdir)[-1]
     if jax.process_index() == 0:
         print(
             f"trained to step {summary['final_step']} (resumed from {summary['resumed_from']}), "
@@ -742,9 +790,19 @@ def main(argv: list[str]) -> None:
         if summary["real_files"]:
             rf = summary["real_files"]
             print(
-                f"real .jxc files in {FLAGS.workdir}/final_eval: {rf['files']} images, "
-                f"measured bpp={rf['bpp']:.4f} (header included), PSNR={rf['psnr']:.2f} dB"
+                f"real .jxc files in {Path(summary['codec']).parent / 'final_eval'}: "
+                f"{rf['files']} images, measured bpp={rf['bpp']:.4f} (header included), "
+                + ", ".join(
+                    f"{k.upper()}={v:.4f}"
+                    for k, v in rf.items()
+                    if k not in ("bpp", "files", "side_by_side")
+                )
             )
+            if rf.get("side_by_side"):
+                print(
+                    "side by side (original | stage-1 reconstruction | decoded): "
+                    + rf["side_by_side"]
+                )
 
 
 def run() -> None:

@@ -4,9 +4,11 @@ The canvas is covered by P×P patches on a regular grid of stride S = P - O (O t
 at most P/2), padded so that the grid covers it. Patches fall into four groups by the parity of
 their (row, column) grid index; patches of one group never overlap, so a group is generated in
 parallel. Group 0 is generated from the condition alone; every later patch also sees the pixels
-that earlier groups already wrote inside its window (as context: values and a mask), and writes
-only the pixels nobody wrote before. So each seam is between generated pixels and the context
-they were generated against.
+that earlier groups already wrote inside its window (as context: values and a mask). It writes
+the pixels nobody wrote before and, over the known band of its window, feathers from its own
+output (next to the new pixels) to the context (at the window's edge): the network makes the
+content continue its context, and the feathering keeps the image continuous even where a model
+has not learnt to.
 
 Patches are generated in batches of a fixed size (the last one padded), so one compiled
 sampler serves every image size and memory follows the patch and the batch, not the image.
@@ -81,6 +83,7 @@ def generate_in_patches(
     batch: int,
     channels: int,
     key: jax.Array,
+    feather: bool = True,
 ) -> np.ndarray:
     """condition [H, W, C] (e.g. the stage-1 reconstruction) → generated image [H, W, channels].
 
@@ -107,10 +110,22 @@ def generate_in_patches(
             keys = jax.numpy.stack([jax.random.fold_in(key, i) for i, _, _ in padded])
             out = np.asarray(sample(cond_b, ctx_b, mask_b, keys))
             for (r, c), piece, known in zip(window[: len(part)], out, mask_b, strict=False):
-                canvas[r, c] = np.where(known > 0, canvas[r, c], piece)
+                keep = _context_weight(known, overlap) if feather else known
+                canvas[r, c] = keep * canvas[r, c] + (1.0 - keep) * piece
         for _, t, left in group:
             written[t : t + patch, left : left + patch] = 1.0
     return canvas[:h, :w]
+
+
+def _context_weight(known: np.ndarray, overlap: int) -> np.ndarray:
+    """1 on known pixels at least `overlap` away from the new ones, falling linearly to 1/O next
+    to them; 0 on new pixels."""
+    from scipy import ndimage
+
+    if not known.any():
+        return known
+    distance = ndimage.distance_transform_cdt(known[..., 0] > 0, metric="chessboard")
+    return np.minimum(distance / max(overlap, 1), 1.0)[..., None].astype(np.float32)
 
 
 def context_mask(
