@@ -127,12 +127,18 @@ def test_eta_sweep_writes_its_table_and_plot(trained, tmp_path):
     sys.path.insert(0, str(PROJECT_ROOT / "launch"))
     import sweep
 
+    from PIL import Image
+    from skimage import data
+
     shutil.copytree(trained / "stage1", tmp_path / "shared" / "stage1")  # the shared stage 1
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.astronaut()[:64, :96]).save(images / "a.png")
     overrides = [t for t in TINY if not t.startswith("stage2.total_steps")]
     sweep.main(
-        ["--config", "configs/hfd.py:tiny", "--workdir", str(tmp_path),
+        ["--config", "configs/hfd.py:tiny", "--workdir", str(tmp_path), "--data", str(images),
          "--field", "decoder.schedule.eta", "--values", "0.5", "2", "--steps", "1", "2",
-         "--limit", "1", *sum((["--set", o] for o in [*overrides, "stage2.total_steps=2"]), [])]
+         *sum((["--set", o] for o in [*overrides, "stage2.total_steps=2"]), [])]
     )  # fmt: skip
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [(r["value"], r["steps"]) for r in rows] == [
