@@ -22,28 +22,10 @@ level (relative to the rate point's trained level).
 
 import ml_collections
 
+from jaxcodec.configlib import base_config, parse_arg
 from jaxcodec.data import default_data_config
 
 VARIANTS = ("tiny", "full")
-
-
-def _parse(arg: str | None) -> tuple[str, int]:
-    variant, stage = "tiny", 2
-    for i, part in enumerate((arg or "").split(",")):
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep and i == 0:
-            variant = key
-        elif key == "stage":
-            stage = int(value)
-        else:
-            raise ValueError(f"configs/diffo.py: unknown argument {part!r} (VARIANT[,stage=N])")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/diffo.py; choose from {VARIANTS}")
-    if stage not in (1, 2):
-        raise ValueError(f"configs/diffo.py: stage must be 1 (VQGAN) or 2 (DiffO), got {stage}")
-    return variant, stage
 
 
 def _vqgan(variant: str) -> ml_collections.ConfigDict:
@@ -125,14 +107,13 @@ def _unet(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant, stage = _parse(arg)
+    a = parse_arg(arg, variants=VARIANTS, stage=2)
+    variant, stage = a["variant"], a["stage"]
+    if stage not in (1, 2):
+        raise ValueError(f"configs/diffo.py: stage must be 1 (VQGAN) or 2 (DiffO), got {stage}")
     full = variant == "full"
-    c = ml_collections.ConfigDict()
-    c.variant = variant
-    c.method = "diffo"
-    c.stage = stage
-    c.init_from = ""  # stage 2: the stage-1 workdir (or codec bundle) whose VQGAN is frozen
-    c.seed = 0
+    # Stage 2: init_from = the stage-1 workdir (or codec bundle) whose VQGAN is frozen.
+    c = base_config("diffo", variant, stage)
 
     # --- Model.
     c.model = ml_collections.ConfigDict(
@@ -170,57 +151,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(rate_index=0, noise_level=1.0, seed=0, tile=48 if full else 32, halo=8)
     )
 
-    # --- Data.
-    c.data = default_data_config(source="skimage", crop_size=256)
-    c.eval_data = default_data_config(source="skimage")
-    c.eval_data.max_images = 4
-    c.batch_size = 8
-
-    # --- Optimiser (Adam, as the official code; warm-up then cosine).
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            lr=5e-5,
-            schedule="cosine",
-            end_factor=0.1,
-            warmup_steps=2000,
-            decay_at=(),
-            decay_factor=0.1,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            clip_norm=1.0,
-            aux_lr=5e-5,
-            frozen=(),
-        )
-    )
-    c.ema_decay = 0.999
-
-    # --- Steps, logging, checkpoints.
+    # --- Data and optimiser (Adam, as the official code; warm-up then cosine).
+    c.optimizer.update(lr=5e-5, warmup_steps=2000, aux_lr=5e-5)
     c.total_steps = 500_000
-    c.log_every = 100
-    c.eval_every = 5_000
     c.checkpoint_every = 2_000
-    c.keep_checkpoints = 3
-    c.checkpoint_async = False
-    c.max_consecutive_nonfinite = 20
-    c.num_eval_images_logged = 2
-    c.real_file_eval = True
-
-    c.mesh = ml_collections.ConfigDict(
-        dict(
-            shape=(-1, 1, 1),
-            axes=("data", "fsdp", "tensor"),
-            num_devices=0,
-            logical_axis_rules=(
-                ("batch", ("data", "fsdp")),
-                ("embed", "fsdp"),
-                ("conv_out", "fsdp"),
-                ("mlp", "tensor"),
-                ("heads", "tensor"),
-            ),
-        )
-    )
 
     if stage == 1:  # taming's VQGAN training: Adam(0.5, 0.9), lr 4.5e-6 × batch
         c.optimizer.update(dict(lr=1e-4, b1=0.5, b2=0.9, warmup_steps=0))

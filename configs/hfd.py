@@ -16,22 +16,16 @@ One stage alone: `--config.stages='(2,)'` (stage 2 starts from WORKDIR/stage1, o
 
 import ml_collections
 
+from jaxcodec.configlib import base_config, parse_arg
 from jaxcodec.data import default_data_config
 
 VARIANTS = ("tiny", "base", "full")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/hfd.py; choose from {VARIANTS}")
-    c = ml_collections.ConfigDict()
-    c.variant = variant
-    c.method = "hfd"
-    c.stage = 1
-    c.stages = (1, 2)  # trained in order, in WORKDIR/stage1, WORKDIR/stage2; () = `stage` only
-    c.init_from = ""  # workdir (or codec bundle) of the previous stage
-    c.seed = 0
+    variant = parse_arg(arg, variants=VARIANTS)["variant"]
+    c = base_config("hfd", variant)
+    c.stages = (1, 2)  # trained in order, in WORKDIR/stage1, WORKDIR/stage2
 
     # --- Model: stage 1 is a hyperprior autoencoder with, as in HFD, an ELIC-style entropy
     # model ('elic': checkerboard + channel-group context over context_groups, channel counts
@@ -79,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ),
             schedule=dict(eta=0.5, clip="interpolate", logsnr_min=-15.0, logsnr_max=15.0),
             context_probability=0.75,
+            # What is diffused: 'image' (the paper) or 'residual', (x − reconstruction) /
+            # residual_scale — the detail the autoencoder lacks, at about unit spread.
+            target="image",
+            residual_scale=0.1,
         )
     )
     # Decode settings written into every file's header (`jaxcodec compress --option steps=8`):
@@ -87,62 +85,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # are sampled at once; sampler_eta 0 = DDIM, 1 = ancestral.
     c.decode = ml_collections.ConfigDict(
         dict(steps=8, seed=0, patch=256, patch_batch=4, sampler_eta=0.0)
-    )
-
-    # --- Data.
-    c.data = default_data_config(source="skimage", crop_size=256)
-    c.eval_data = default_data_config(source="skimage")
-    c.eval_data.max_images = 4
-    c.batch_size = 8  # global, split over every data-parallel device and process
-
-    # --- Optimiser: Adam with warm-up and cosine decay, global-norm clipping; the entropy
-    # bottleneck's quantiles get their own learning rate (CompressAI's aux optimiser).
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            lr=1e-4,
-            schedule="cosine",
-            end_factor=0.1,
-            warmup_steps=0,
-            decay_at=(),
-            decay_factor=0.1,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            clip_norm=1.0,
-            aux_lr=1e-3,
-            frozen=(),  # regexes over parameter paths, e.g. ('g_a/.*',)
-        )
-    )
-    c.ema_decay = 0.999
-
-    # --- Steps, logging, checkpoints.
-    c.total_steps = 1_000_000
-    c.log_every = 100
-    c.eval_every = 5_000  # 0 disables evaluation, also at the end
-    c.checkpoint_every = 5_000
-    c.keep_checkpoints = 3
-    # Async saves overlap writing with training at the cost of a device copy of the state.
-    c.checkpoint_async = False
-    c.max_consecutive_nonfinite = 20
-    c.num_eval_images_logged = 2
-    # At the end, compress the evaluation images to real .jxc files (workdir/final_eval) and
-    # report their measured bpp and PSNR.
-    c.real_file_eval = True
-
-    # --- Mesh: data parallel by default; rules map logical parameter axes to mesh axes.
-    c.mesh = ml_collections.ConfigDict(
-        dict(
-            shape=(-1, 1, 1),
-            axes=("data", "fsdp", "tensor"),
-            num_devices=0,  # 0 = all devices
-            logical_axis_rules=(
-                ("batch", ("data", "fsdp")),
-                ("embed", "fsdp"),
-                ("mlp", "tensor"),
-                ("heads", "tensor"),
-            ),
-        )
     )
 
     # --- Stage 2 overrides of the fields above (optimiser, steps, batch, crops, weighting).
@@ -163,10 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.crop_size = 128
         c.batch_size = 8
         c.optimizer.lr = 3e-4
-        c.total_steps = 1_200
+        c.total_steps = 600
         c.log_every = 50
         c.eval_every = 0  # the run ends with real files instead
-        c.checkpoint_every = 400
+        c.eval_data.max_images = 2
+        c.checkpoint_every = 200
         c.ema_decay = 0.99
         c.decoder.unet.update(
             block_out_channels=(16, 32, 64),
@@ -177,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             norm_num_groups=8,
         )
         c.decode.update(steps=4, patch=128)
-        c.stage2.update(total_steps=600, batch_size=8, ema_decay=0.99)
+        c.stage2.update(total_steps=300, batch_size=8, ema_decay=0.98)
         c.stage2.data.crop_size = 64
         c.stage2.optimizer.update(lr=5e-4, warmup_steps=50)
     elif variant == "base":

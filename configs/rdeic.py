@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxcodec.configlib import base_config, parse_arg
 from jaxcodec.data import default_data_config
 
 VARIANTS = ("tiny", "full")
@@ -66,40 +67,17 @@ def tiny_sd_folder() -> str:
     return str(write_random_pipeline(folder, unet, vae, TINY_TEXT_SHAPE, seed=0))
 
 
-def parse_arg(arg: str | None) -> dict:
-    """'full,stage=2,lambda_r=0.5' → {'variant': 'full', 'stage': 2, 'lambda_r': 0.5}."""
-    out = {"variant": "tiny", "stage": 1, "lambda_r": 2.0}
-    for i, item in enumerate((arg or "tiny").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep and i == 0:
-            out["variant"] = key
-        elif key == "stage":
-            out["stage"] = int(value)
-        elif key == "lambda_r":
-            out["lambda_r"] = float(value)
-        else:
-            raise ValueError(f"unknown argument {item!r} of configs/rdeic.py (stage=, lambda_r=)")
-    if out["variant"] not in VARIANTS:
-        raise ValueError(f"unknown variant {out['variant']!r}; choose from {VARIANTS}")
-    if out["stage"] not in (1, 2):
-        raise ValueError(f"RDEIC has stages 1 and 2, not {out['stage']}")
-    return out
-
-
 def fixed_steps(lambda_r: float) -> int:
     """The paper's fine-tuning chains: 2 steps for λ_r ∈ {2, 1}, 5 below."""
     return 2 if lambda_r >= 1.0 else 5
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg)
+    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=2.0)
     variant, stage, lambda_r = a["variant"], a["stage"], a["lambda_r"]
-    c = ml_collections.ConfigDict()
-    c.variant = variant
-    c.method = "rdeic"
-    c.stage = stage
-    c.init_from = ""  # stage 2: the stage-1 workdir (or its codec bundle)
-    c.seed = 0
+    if stage not in (1, 2):
+        raise ValueError(f"RDEIC has stages 1 and 2, not {stage}")
+    c = base_config("rdeic", variant, stage)  # stage 2: init_from = the stage-1 workdir
 
     # --- Model. The SD folder's own config.json files are the authority for the backbone.
     c.model = ml_collections.ConfigDict(
@@ -133,54 +111,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # --- Data.
     c.data = default_data_config(source="folder", crop_size=512 if stage == 1 else 256)
-    c.eval_data = default_data_config(source="skimage")
-    c.eval_data.max_images = 4
     c.batch_size = 4
 
     # --- Optimiser: AdamW; stage 1 drops the lr from 1e-4 to 2e-5 for its last fifth.
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            lr=1e-4 if stage == 1 else 2e-5,
-            schedule="step" if stage == 1 else "constant",
-            decay_at=(0.8,) if stage == 1 else (),
-            decay_factor=0.2,
-            end_factor=1.0,
-            warmup_steps=0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            clip_norm=1.0,
-            aux_lr=1e-4,
-            frozen=(),
-        )
+    c.optimizer.update(
+        lr=1e-4 if stage == 1 else 2e-5,
+        schedule="step" if stage == 1 else "constant",
+        decay_at=(0.8,) if stage == 1 else (),
+        decay_factor=0.2,
+        end_factor=1.0,
+        aux_lr=1e-4,
     )
-    c.ema_decay = 0.999
-
     c.total_steps = 300_000 if stage == 1 else 100_000
-    c.log_every = 100
     c.eval_every = 10_000
-    c.checkpoint_every = 5_000
-    c.keep_checkpoints = 3
-    c.checkpoint_async = False
-    c.max_consecutive_nonfinite = 20
-    c.num_eval_images_logged = 2
-    c.real_file_eval = True
-
-    c.mesh = ml_collections.ConfigDict(
-        dict(
-            shape=(-1, 1, 1),
-            axes=("data", "fsdp", "tensor"),
-            num_devices=0,
-            logical_axis_rules=(
-                ("batch", ("data", "fsdp")),
-                ("embed", "fsdp"),
-                ("conv_out", "fsdp"),
-                ("mlp", "tensor"),
-                ("heads", "tensor"),
-            ),
-        )
-    )
 
     if variant == "tiny":
         c.model.sd_path = tiny_sd_folder()

@@ -50,12 +50,19 @@ PREVIOUS_STAGE_FILE = "previous_stage.safetensors"
 
 
 def load_frozen(
-    method: Method, stage_frozen: Mapping[str, Any], stage_source: str = ""
+    method: Method,
+    stage_frozen: Mapping[str, Any],
+    stage_source: str = "",
+    *,
+    decode_only: bool = False,
 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """The method's frozen variables (pretrained parts loaded from their sources, plus previous
-    stages' models) as host arrays, and the identity of each: source and SHA-256."""
+    stages' models) as host arrays, and the identity of each: source and SHA-256. A decoder
+    (`decode_only`) skips the parts only training needs."""
     frozen, identity = {}, {}
     for name, part in method.pretrained().items():
+        if decode_only and not part.decode:
+            continue
         frozen[name] = jax.tree.map(np.asarray, part.load())
         identity[name] = {"source": part.source, "sha256": tree_digest(frozen[name])}
     for name, tree in stage_frozen.items():
@@ -277,8 +284,10 @@ def load_codec(
     bundle = load_bundle(source)
     _apply_overrides(bundle.config, overrides)
     method = get_method(bundle.config)
-    frozen, identity = load_frozen(method, bundle.frozen, f"{source} (bundled)")
-    check_frozen_identity(bundle.frozen_identity, identity, f"the model in {source}")
+    frozen, identity = load_frozen(method, bundle.frozen, f"{source} (bundled)", decode_only=True)
+    training_only = {n for n, p in method.pretrained().items() if not p.decode}
+    expected = {k: v for k, v in bundle.frozen_identity.items() if k not in training_only}
+    check_frozen_identity(expected, identity, f"the model in {source}")
     variables = Variables(bundle.params, bundle.state, frozen)
     cfg = bundle.config
     name = f"{cfg.method}-{cfg.get('variant', '')}-step{bundle.step}".replace("--", "-")

@@ -1,13 +1,104 @@
-"""Loading configs the way the command line does, for scripts, tests and the CLI."""
+"""Configs: the fields every method's config shares, big_vision-style arguments
+(`configs/rdeic.py:full,stage=2,lambda_r=0.5`), and loading them the way the command line
+does, for scripts, tests and the CLI."""
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_arg(arg: str | None, *, variants: Sequence[str], **defaults: Any) -> dict[str, Any]:
+    """`'VARIANT,key=value,...'` → {'variant': ..., key: value}, each value converted to the
+    type of its default; unknown keys and variants are errors naming what exists."""
+    out = {"variant": variants[0], **defaults}
+    for i, item in enumerate(p for p in (arg or "").split(",") if p):
+        key, sep, value = item.partition("=")
+        if not sep and i == 0:
+            out["variant"] = key
+        elif sep and key in defaults:
+            out[key] = type(defaults[key])(value)
+        else:
+            raise ValueError(f"unknown config argument {item!r}; takes {sorted(defaults)}")
+    if out["variant"] not in variants:
+        raise ValueError(f"unknown variant {out['variant']!r}; choose from {tuple(variants)}")
+    return out
+
+
+def base_config(method: str, variant: str, stage: int = 1) -> ml_collections.ConfigDict:
+    """The fields the training loop reads, with defaults every method shares; a method's
+    config file sets its model, loss, data and decode fields and overrides the rest."""
+    from jaxcodec.data import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.method = method
+    c.stage = stage
+    c.stages = ()  # stages trained in order, in WORKDIR/stageN; () = `stage`, in WORKDIR
+    c.init_from = ""  # workdir (or codec bundle) of the previous stage
+    c.seed = 0
+
+    c.data = default_data_config(source="skimage", crop_size=256)
+    c.eval_data = default_data_config(source="skimage")
+    c.eval_data.max_images = 4
+    c.batch_size = 8  # global, split over every data-parallel device and process
+
+    # Adam with warm-up and a schedule ('constant', 'cosine' to end_factor·lr, or 'step':
+    # ×decay_factor at each fraction in decay_at), global-norm clipping; entropy-bottleneck
+    # quantiles have their own learning rate; `frozen` regexes keep parameters fixed.
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-4,
+            schedule="cosine",
+            end_factor=0.1,
+            warmup_steps=0,
+            decay_at=(),
+            decay_factor=0.1,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=1.0,
+            aux_lr=1e-3,
+            frozen=(),  # regexes over parameter paths, e.g. ('g_a/.*',)
+        )
+    )
+    c.ema_decay = 0.999
+
+    c.total_steps = 1_000_000
+    c.log_every = 100
+    c.eval_every = 5_000  # 0 disables evaluation, also at the end
+    c.checkpoint_every = 5_000
+    c.keep_checkpoints = 3
+    # Async saves overlap writing with training at the cost of a device copy of the state.
+    c.checkpoint_async = False
+    c.max_consecutive_nonfinite = 20
+    c.num_eval_images_logged = 2
+    # At the end, compress the evaluation images to real .jxc files (workdir/final_eval) and
+    # report their measured bpp, PSNR and LPIPS.
+    c.real_file_eval = True
+
+    # Mesh: data parallel by default; the rules map logical axes to mesh axes.
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            shape=(-1, 1, 1),
+            axes=("data", "fsdp", "tensor"),
+            num_devices=0,  # 0 = all devices
+            logical_axis_rules=(
+                ("batch", ("data", "fsdp")),
+                ("embed", "fsdp"),
+                ("conv_out", "fsdp"),
+                ("mlp", "tensor"),
+                ("heads", "tensor"),
+            ),
+        )
+    )
+    return c
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -772,6 +772,7 @@ def main(argv: list[str]) -> None:
 
     del argv
     FLAGS = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # library details go to each stage's train.log
     if FLAGS.coordinator_address:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:

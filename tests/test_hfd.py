@@ -126,7 +126,6 @@ def test_stage_two_alone_and_wrong_handover_are_clear(trained, tmp_path):
 def test_eta_sweep_writes_its_table_and_plot(trained, tmp_path):
     sys.path.insert(0, str(PROJECT_ROOT / "launch"))
     import sweep
-
     from PIL import Image
     from skimage import data
 

@@ -52,6 +52,7 @@ class Pretrained:
 
     source: str  # where it comes from; recorded with its digest
     load: Callable[[], Any]  # → host arrays (unboxed), the same structure as `abstract`
+    decode: bool = True  # False: training only (a loss network); decoders neither load nor check it
 
 
 @dataclasses.dataclass

