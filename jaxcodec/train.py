@@ -472,9 +472,13 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     from jaxcodec.data import make_train_iterator
 
     _check_resumable(config, workdir)
+    total_steps = int(config.total_steps)
+    finished = _finished_run(workdir, total_steps)
+    if finished is not None:
+        _console(f"{workdir} is already trained to step {total_steps}: {CODEC_FILE} is there")
+        return finished
     _write_config(config, workdir)
     writer = _make_writer(workdir)
-    total_steps = int(config.total_steps)
 
     # --- Data ------------------------------------------------------------------------------
     data_iter = make_train_iterator(
@@ -700,6 +704,17 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _finished_run(workdir: Path, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a run that already reached `total_steps` and wrote its bundle."""
+    path = workdir / "summary.json"
+    if not (path.is_file() and (workdir / CODEC_FILE).is_file()):
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("final_step") != total_steps:
+        return None
+    return summary | {"resumed_from": total_steps, "already_trained": True}
 
 
 def _write_bundle(method, config, state, stage_frozen, identity, step, workdir, ckpt):

@@ -70,9 +70,10 @@ def test_one_command_trains_both_stages_and_ends_with_real_files(trained):
     a, b = one.compress(image), two.compress(image)
     np.testing.assert_array_equal(one.last_info["y_symbols"], two.last_info["y_symbols"])
     assert 0 < len(b) - len(a) <= 6  # the same streams; the header adds steps, seed, patch
-    # Resuming with the finished stages does nothing but report them.
+    # Running the command again finds both stages trained and only reports them.
     again = train_stages(tiny_config(), trained)
-    assert [s["resumed_from"] for s in again] == [3, 8]
+    assert [(s["resumed_from"], s.get("already_trained")) for s in again] == [(3, True), (8, True)]
+    assert again[-1]["real_files"] == rf
 
 
 _DECODE = (
