@@ -128,8 +128,9 @@ if [[ -n "${REVISION:-}" ]]; then
 else
   tarball="jaxcodec-src.tar.gz"
   # The working tree as git sees it: tracked and untracked files, without ignored ones
-  # (.venv, runs/, caches); files deleted but still tracked are left out.
-  pack="git -C $(quote "$root") ls-files -z --cached --others --exclude-standard \
+  # (.venv, runs/, caches) and other virtual environments (.venv-cuda); files deleted but still
+  # tracked are left out.
+  pack="git -C $(quote "$root") ls-files -z --cached --others --exclude-standard -x '.venv*' \
 | tar -czf $(quote "${TMPDIR:-/tmp}/$tarball") -C $(quote "$root") --null --ignore-failed-read -T -"
   code_step="mkdir -p $dir && cd $dir && find . -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} + \
 && tar -xzf \"\$HOME\"/$tarball && rm -f \"\$HOME\"/$tarball"
