@@ -6,6 +6,10 @@ attention core (softmax(QKᵀ)V, timed alone at every shape the model uses, time
 and ends with one JSON line of headline figures.
 
     .venv/bin/python benchmarks/unet_speed.py [--repeats 3] [--impl auto] [--compare-xla]
+        [--device cpu|cuda|auto]
+
+JAX runs on its default backend; ``--device`` puts PyTorch on the same GPU (``auto``: when
+PyTorch sees one; both then use TF32 for float32 matmuls and convolutions, JAX's GPU default).
 
 Both frameworks use every core, or one thread each with ``--single-thread`` (steadier when other
 jobs share the machine; the load average is printed with the numbers). Needs about 10 GB of RAM.
@@ -48,6 +52,15 @@ def _time(fn, repeats: int) -> list[float]:
     return out
 
 
+DEVICE = "cpu"  # PyTorch's device (--device)
+
+
+def _sync(out=None):
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+    return out
+
+
 def _jax_timer(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
 
@@ -72,12 +85,13 @@ def _attention_times(shapes_counts, repeats, impl):
         jax.block_until_ready(f(q, k, v))
         tj = min(_time(_jax_timer(f, q, k, v), repeats))
         tq_, tk_, tv_ = (
-            torch.from_numpy(np.array(a)).permute(0, 2, 1, 3).contiguous() for a in (q, k, v)
+            torch.from_numpy(np.array(a)).permute(0, 2, 1, 3).contiguous().to(DEVICE)
+            for a in (q, k, v)
         )
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.no_grad():
             sdpa(tq_, tk_, tv_)
-            tt = min(_time(lambda: sdpa(tq_, tk_, tv_), repeats))  # noqa: B023
+            tt = min(_time(lambda: _sync(sdpa(tq_, tk_, tv_)), repeats))  # noqa: B023
         rows.append(
             dict(q=tq, k=tk, heads=heads, dim=dim, count=count, jax_ms=tj * 1e3, torch_ms=tt * 1e3)
         )
@@ -122,14 +136,21 @@ def main():
         action="store_true",
         help="one thread each (steadier ratios when other jobs share the cores)",
     )
+    parser.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda or auto")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "auto":
+        DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    if DEVICE != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.single_thread:
         torch.set_num_threads(1)
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     print(
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} cpus, load avg {load:.1f}"
+        f"({DEVICE}, {torch.get_num_threads()} threads), {os.cpu_count()} cpus, load avg {load:.1f}"
     )
     import diffusers
 
@@ -137,6 +158,8 @@ def main():
         "load_avg_start": round(load, 2),
         "repeats": args.repeats,
         "threads": 1 if args.single_thread else os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "torch_device": DEVICE,
     }
 
     # ------------------------------------------------------------------ UNet
@@ -146,13 +169,15 @@ def main():
         ref = diffusers.UNet2DConditionModel(**cfg).eval()
         config = UNetConfig.from_diffusers(SD21_BASE_UNET, attention_impl=args.impl)
         params = _convert(ref, unet_param_shapes(config))
+        ref = ref.to(DEVICE)
         x = torch.randn(1, 4, 64, 64, generator=g)
         ctx = torch.randn(1, 77, 1024, generator=g)
         t = torch.tensor([500.0])
+        xd, td, cd = (a.to(DEVICE) for a in (x, t, ctx))
 
         with torch.no_grad():
-            want = ref(x, t, encoder_hidden_states=ctx).sample  # warm-up
-            torch_times = _time(lambda: ref(x, t, encoder_hidden_states=ctx), args.repeats)
+            want = ref(xd, td, encoder_hidden_states=cd).sample.cpu()  # warm-up
+            torch_times = _time(lambda: _sync(ref(xd, td, encoder_hidden_states=cd)), args.repeats)
         xj = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
         tj, cj = jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy())
 
@@ -219,10 +244,12 @@ def main():
         ).eval()
         vconfig = VAEConfig.from_diffusers(SD21_BASE_VAE, attention_impl=args.impl)
         vparams = _convert(vref, vae_param_shapes(vconfig))
+        vref = vref.to(DEVICE)
         z = torch.randn(1, 4, 96, 64, generator=g)
+        zd = z.to(DEVICE)
         with torch.no_grad():
-            vwant = vref.decode(z).sample
-            vtorch = _time(lambda: vref.decode(z), args.repeats)
+            vwant = vref.decode(zd).sample.cpu()
+            vtorch = _time(lambda: _sync(vref.decode(zd)), args.repeats)
         vae = AutoencoderKL(vconfig)
         dec = jax.jit(lambda p, a: vae.apply({"params": p}, a, method=AutoencoderKL.decode))
         zj = jnp.asarray(z.numpy().transpose(0, 2, 3, 1))
