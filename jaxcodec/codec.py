@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -111,7 +112,8 @@ def build_bundle(
 ) -> CodecBundle:
     """A codec bundle from final host variables; builds the integer entropy tables (from the
     trained variables only: params, state and previous stages' models)."""
-    params, state = jax.tree.map(np.asarray, (params, state))
+    # Logical-axis boxes (a method's `init` output) are training metadata: host arrays only.
+    params, state = jax.tree.map(np.asarray, nn.unbox((params, state)))
     tables = method.entropy_tables(Variables(params, state, dict(stage_frozen)))
     return CodecBundle(
         config=config,

@@ -83,18 +83,53 @@ def base_config(method: str, variant: str, stage: int = 1) -> ml_collections.Con
     # report their measured bpp, PSNR and LPIPS.
     c.real_file_eval = True
 
-    # Mesh: data parallel by default; the rules map logical axes to mesh axes.
+    # Efficiency switches (they combine): the global batch is split into `grad_accum_steps`
+    # micro-batches whose gradients are averaged before one optimiser step (activations of one
+    # micro-batch live at a time); `prefetch` device batches are transferred ahead of the step;
+    # the train state is donated to the step. Compute dtypes (bf16 activations, fp32 master
+    # weights) and rematerialisation are model fields (`dtype`/`remat` of the UNet and VAE
+    # configs; RDEIC: `model.unet_dtype`, `model.remat`).
+    c.grad_accum_steps = 1
+    c.prefetch = 2
+    # Peak dense TFLOP/s of one device for the MFU on the console; 0 = built in for the device
+    # kind (TPU v2-v6e, A100, H100, H200, B200, L4, MI300X; see jaxcodec.throughput).
+    c.peak_tflops = 0.0
+
+    # Mesh: data parallel by default (`shape=(1, -1, 1)`: FSDP over every device). The rules
+    # map the logical axes of parameters and activations to mesh axes, first match wins and a
+    # mesh axis is used once per array (flax's logical_to_mesh_axes); names without a rule are
+    # not split. Names (maxdiffusion's, jaxcodec.nn.layers):
+    #   batch       activations' batch dimension → every data-parallel axis
+    #   conv_out    conv kernel [kh, kw, in, out] output channels, conv biases, GDN rows → fsdp
+    #   conv_in     conv kernel input channels, GDN columns → not split (fsdp holds conv_out)
+    #   embed       model width of dense kernels / embeddings (UNet, CLIP, attention) → fsdp
+    #   mlp, heads  feed-forward hidden units, attention heads (in/out projections) → tensor
+    #   vocab       token embedding rows (CLIP) → tensor
+    #   norm        group/layer-norm scales and biases → replicated
+    #   entropy_channels  per-channel factorized densities → replicated (tiny)
+    #   height, width, length  spatial / token activation axes → not split
+    # A dimension the mapped mesh axes do not divide stays whole; an array of at least
+    # `fsdp_min_bytes` left without an fsdp axis is split over fsdp along its largest divisible
+    # dimension (big_vision's size-gated fsdp; -1 disables it).
     c.mesh = ml_collections.ConfigDict(
         dict(
             shape=(-1, 1, 1),
             axes=("data", "fsdp", "tensor"),
             num_devices=0,  # 0 = all devices
+            fsdp_min_bytes=4 * 2**20,
             logical_axis_rules=(
                 ("batch", ("data", "fsdp")),
-                ("embed", "fsdp"),
                 ("conv_out", "fsdp"),
+                ("embed", "fsdp"),
                 ("mlp", "tensor"),
                 ("heads", "tensor"),
+                ("vocab", "tensor"),
+                ("conv_in", None),
+                ("norm", None),
+                ("entropy_channels", None),
+                ("height", None),
+                ("width", None),
+                ("length", None),
             ),
         )
     )

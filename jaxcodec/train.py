@@ -9,6 +9,7 @@ The console shows one line per log interval and the final result; everything lib
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -28,6 +29,7 @@ import optax
 from absl import logging
 
 from jaxcodec import sharding as shd
+from jaxcodec import throughput as tput
 from jaxcodec.checkpoint import (
     CODEC_FILE,
     FROZEN_FILE,
@@ -41,6 +43,7 @@ from jaxcodec.checkpoint import (
 from jaxcodec.codec import build_bundle, load_frozen, stage_start
 from jaxcodec.methods import Method, Variables, get_method
 from jaxcodec.methods.base import pad_to_multiple, to_float
+from jaxcodec.nn import layers
 
 
 class NonFiniteError(RuntimeError):
@@ -83,7 +86,7 @@ def param_labels(params: Any, cfg: ml_collections.ConfigDict, trainable: Any) ->
             return "frozen"
         return "aux" if aux.search(name) else "main"
 
-    return jax.tree_util.tree_map_with_path(label, params, trainable)
+    return jax.tree_util.tree_map_with_path(label, nn.unbox(params), nn.unbox(trainable))
 
 
 def make_optimizer(
@@ -115,6 +118,53 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def _micro_batches(batch: dict[str, jax.Array], accum_steps: int) -> dict[str, jax.Array]:
+    """[B, ...] → [accum_steps, B / accum_steps, ...]: micro-batch i takes examples i,
+    i + accum_steps, ..., so each keeps its share of every data-parallel device's examples."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _constrain_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda x: layers.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), batch)
+
+
+def accumulated_gradients(
+    loss_fn: Callable, params: Any, model_state: Any, batch: dict[str, jax.Array], key, steps: int
+) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
+    """Mean loss, metrics and gradients over `steps` micro-batches of `batch`, one at a time
+    (`lax.scan`: the activations of one micro-batch live at once), the mutable model state
+    threaded through them in order. `loss_fn(params, model_state, batch, key)` returns
+    `(loss, (metrics, model_state))`; micro-batch i draws its randomness from `fold_in(key, i)`.
+    For a loss that is a mean over examples the result equals the whole batch's."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = _micro_batches(batch, steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    _, (metrics_shape, _) = jax.eval_shape(loss_fn, params, model_state, first, key)
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)  # noqa: E731
+
+    def body(carry, xs):
+        grads, state, loss_sum, metric_sums = carry
+        i, mb = xs
+        (loss, (metrics, state)), g = grad_fn(
+            params, state, _constrain_batch(mb), jax.random.fold_in(key, i)
+        )
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        metric_sums = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), metric_sums, metrics)
+        return (grads, state, loss_sum + loss.astype(jnp.float32), metric_sums), None
+
+    carry = (zeros(params), model_state, jnp.zeros((), jnp.float32), zeros(metrics_shape))
+    (grads, model_state, loss, metrics), _ = jax.lax.scan(body, carry, (jnp.arange(steps), micro))
+    scale = 1.0 / steps
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+    metrics = jax.tree.map(lambda m, ref: (m * scale).astype(ref.dtype), metrics, metrics_shape)
+    return loss * scale, metrics, model_state, grads
+
+
 def train_step(
     state: TrainState,
     frozen: Any,
@@ -125,18 +175,28 @@ def train_step(
     base_key: jax.Array,
     ema_decay: float,
     labels: Any = None,
+    accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step. Only the trainable params are differentiated (frozen parts get no
     gradient computation at all); the mutable model state is what the loss returns. A step whose
     loss or gradients are not finite changes nothing but the counters (the batch is still
-    consumed, so the data order never depends on it)."""
+    consumed, so the data order never depends on it). With `accum_steps` > 1 the batch is
+    split into that many micro-batches whose gradients are averaged (`accumulated_gradients`)."""
     key = jax.random.fold_in(base_key, state.step)
 
-    def loss_fn(params):
-        loss, metrics, model_state = method.loss(params, frozen, state.model_state, batch, key)
+    def loss_fn(params, model_state, batch, key):
+        loss, metrics, model_state = method.loss(params, frozen, model_state, batch, key)
         return loss, (metrics, model_state)
 
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if accum_steps > 1:
+        loss, metrics, model_state, grads = accumulated_gradients(
+            loss_fn, state.params, state.model_state, batch, key, accum_steps
+        )
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, model_state)), grads = grad_fn(
+            state.params, state.model_state, _constrain_batch(batch), key
+        )
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -181,8 +241,8 @@ class Evaluator:
     """Per-image metrics of the EMA model on full images, on the training mesh: compiled once
     per image size, with the parameters where training keeps them (nothing re-uploaded)."""
 
-    def __init__(self, method: Method, mesh, seed: int):
-        self.mesh = mesh
+    def __init__(self, method: Method, mesh, seed: int, rules: shd.Rules = ()):
+        self.mesh, self.rules = mesh, list(rules)
         self.key = jax.random.key(seed)
         self._fn = jax.jit(method.evaluate, static_argnums=2, out_shardings=shd.replicated(mesh))
 
@@ -195,7 +255,8 @@ class Evaluator:
             h, w = image.shape[:2]
             x = np.asarray(to_float(pad_to_multiple(image, stride)[None]))
             x = jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
-            metrics, recon = self._fn(variables, x, (h, w), jax.random.fold_in(self.key, i))
+            with shd.scope(self.mesh, self.rules):
+                metrics, recon = self._fn(variables, x, (h, w), jax.random.fold_in(self.key, i))
             per_image.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
             recons.append(np.asarray(recon.addressable_data(0))[0])
         mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
@@ -436,6 +497,122 @@ class Prefetcher:
         return self.state
 
 
+@dataclasses.dataclass
+class ModelShapes:
+    """What the loop knows before any array exists: the method, the optimiser, the labels of
+    its parameters and the boxed (logical-axis) shapes of the train state."""
+
+    method: Method
+    tx: optax.GradientTransformation
+    labels: Any
+    init_state: Callable[[jax.Array, Any, Any], TrainState]  # (key, loaded params, state)
+    abstract_state: Any  # boxed
+    abstract_params: Any  # boxed
+    init_key: jax.Array
+    base_key: jax.Array
+
+
+def model_shapes(config: ml_collections.ConfigDict, method: Method | None = None) -> ModelShapes:
+    """The train state's shapes with their logical axes (`jax.eval_shape`: nothing is
+    allocated), the optimiser and the init function the jitted init runs."""
+    method = get_method(config) if method is None else method
+    dummy = method.dummy_batch(config.batch_size)
+    init_key, base_key = jax.random.split(jax.random.key(config.seed))
+    abstract_params = jax.eval_shape(method.init, init_key, dummy)["params"]
+    trainable = method.trainable_mask(nn.unbox(abstract_params))
+    tx = make_optimizer(config.optimizer, int(config.total_steps), trainable)
+    labels = param_labels(nn.unbox(abstract_params), config.optimizer, trainable)
+
+    def init_state(key: jax.Array, loaded_params: Any, loaded_state: Any) -> TrainState:
+        variables = dict(method.init(key, dummy))
+        params = merge_params(variables.pop("params"), loaded_params)
+        model_state = merge_params(variables, loaded_state)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=tx.init(params),
+            model_state=model_state,
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
+        )
+
+    abstract_state = jax.eval_shape(init_state, init_key, None, None)
+    return ModelShapes(
+        method, tx, labels, init_state, abstract_state, abstract_params, init_key, base_key
+    )
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """The global batch must split over the data-parallel devices and the micro-batches."""
+    shards = shd.data_parallel_size(mesh)
+    accum = int(config.get("grad_accum_steps", 1))
+    if accum < 1:
+        raise ValueError(f"grad_accum_steps={accum}: use 1 (no accumulation) or more")
+    if config.batch_size % (shards * accum):
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over the {shards} data-parallel "
+            f"devices of mesh {dict(mesh.shape)}"
+            + (f" times {accum} micro-batches" if accum > 1 else "")
+            + f"; use a multiple of {shards * accum} (or --config.mesh.num_devices)"
+        )
+
+
+def shardings(config, mesh, shapes: ModelShapes, frozen: Any = None) -> tuple[Any, Any]:
+    """(train-state shardings, frozen shardings) from the logical axes through the config's
+    rules, with the size-gated fsdp fallback (`config.mesh.fsdp_min_bytes`). Frozen parts the
+    method gives no annotated shapes for are placed from their arrays (`frozen`)."""
+    rules = shd.rules_of(config)
+    min_bytes = config.mesh.get("fsdp_min_bytes", shd.DEFAULT_FSDP_MIN_BYTES)
+    min_bytes = None if min_bytes is None or min_bytes < 0 else int(min_bytes)
+    state = shd.tree_shardings(shapes.abstract_state, mesh, rules, min_bytes)
+    abstract_frozen = shapes.method.abstract_frozen()
+    if abstract_frozen is None:
+        abstract_frozen = {} if frozen is None else frozen
+    return state, shd.tree_shardings(abstract_frozen, mesh, rules, min_bytes)
+
+
+def make_train_step(config, shapes: ModelShapes, mesh, state_shardings, frozen_shardings):
+    """The jitted, donating train step `(state, frozen, batch) → (state, metrics)`."""
+    return jax.jit(
+        functools.partial(
+            train_step,
+            method=shapes.method,
+            tx=shapes.tx,
+            base_key=shapes.base_key,
+            ema_decay=config.ema_decay,
+            labels=shapes.labels,
+            accum_steps=int(config.get("grad_accum_steps", 1)),
+        ),
+        in_shardings=(state_shardings, frozen_shardings, shd.batch_sharding(mesh)),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def compile_train_step(config, step_fn, mesh, rules, *args):
+    """Traces and compiles the step for `args` (arrays or `ShapeDtypeStruct`s with shardings)
+    inside the mesh and rules scope; returns the executable and its `Throughput` (XLA's FLOPs
+    per device, the configured or built-in peak of this device kind)."""
+    with shd.scope(mesh, rules):
+        traced = step_fn.trace(*args)
+        compiled = traced.lower().compile()
+    flops = tput.step_flops(compiled, traced.jaxpr)
+    peak = tput.peak_tflops(jax.devices()[0].device_kind, config.get("peak_tflops", 0.0))
+    return compiled, tput.Throughput(int(config.batch_size), flops, peak)
+
+
+def _compiled_line(speed: tput.Throughput, device_kind: str) -> str:
+    flops = speed.flops_per_step
+    text = "compiled the train step: "
+    text += f"{flops / 1e9:.4g} GFLOP per device per step" if flops else "no FLOP count from XLA"
+    if speed.peak:
+        text += f"; peak {speed.peak:g} TFLOP/s per device ({device_kind})"
+    else:
+        text += f"; no peak known for {device_kind!r} (config.peak_tflops sets one: MFU)"
+    return text
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -490,56 +667,23 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     )
 
     # --- Model shapes ------------------------------------------------------------------------
-    method = get_method(config)
-    dummy = method.dummy_batch(config.batch_size)
-    init_key, base_key = jax.random.split(jax.random.key(config.seed))
-    abstract_vars = jax.eval_shape(method.init, init_key, dummy)
-    abstract_params = abstract_vars["params"]
-    trainable = method.trainable_mask(nn.unbox(abstract_params))
-    tx = make_optimizer(config.optimizer, total_steps, trainable)
-    labels = param_labels(nn.unbox(abstract_params), config.optimizer, trainable)
+    shapes = model_shapes(config)
+    method, init_key = shapes.method, shapes.init_key
 
     # --- Previous stage and frozen parts -----------------------------------------------------
     start, previous = stage_start(method, config, workdir)
     source = f"{config.get('init_from')} (step {previous.step})" if previous else ""
     frozen_host, identity = load_frozen(method, start.frozen, source)
     _check_frozen(workdir, identity)
-
-    def init_state(key: jax.Array, loaded_params: Any, loaded_state: Any) -> TrainState:
-        variables = dict(method.init(key, dummy))
-        params = merge_params(variables.pop("params"), loaded_params)
-        model_state = merge_params(variables, loaded_state)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            ema_params=params,
-            opt_state=tx.init(params),
-            model_state=model_state,
-            nonfinite_streak=jnp.zeros((), jnp.int32),
-            nonfinite_total=jnp.zeros((), jnp.int32),
-        )
-
-    abstract_state = jax.eval_shape(init_state, init_key, start.params, start.state)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.abstract_params))
     num_frozen = sum(int(np.size(x)) for x in jax.tree.leaves(frozen_host))
 
     # --- Mesh and shardings ------------------------------------------------------------------
     mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
-    shards = int(np.prod([mesh.shape[a] for a in shd.BATCH_AXES if a in mesh.shape]))
-    if config.batch_size % shards:
-        raise ValueError(
-            f"batch_size {config.batch_size} does not split over the {shards} data-parallel "
-            f"devices of mesh {dict(mesh.shape)}; use a multiple of {shards} "
-            "(or --config.mesh.num_devices)"
-        )
-    rules = [tuple(r) for r in config.mesh.logical_axis_rules]
-    state_shardings = shd.tree_shardings(abstract_state, mesh, rules)
-    abstract_state = nn.unbox(abstract_state)
-    abstract_frozen = method.abstract_frozen()
-    if abstract_frozen is None:
-        frozen_shardings = jax.tree.map(lambda _: shd.replicated(mesh), frozen_host)
-    else:
-        frozen_shardings = shd.tree_shardings(abstract_frozen, mesh, rules)
+    check_batch(config, mesh)
+    rules = shd.rules_of(config)
+    state_shardings, frozen_shardings = shardings(config, mesh, shapes, frozen_host)
+    abstract_state = nn.unbox(shapes.abstract_state)
     frozen = place(frozen_host, frozen_shardings)
     _console(
         f"{config.method} stage {method.stage} ({config.get('variant', '')}): "
@@ -561,24 +705,24 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         _console(f"resumed from step {start_step} in {workdir}")
     else:
         start_step = 0
-        state = jax.jit(
-            lambda k, p, s: nn.unbox(init_state(k, p, s)), out_shardings=state_shardings
-        )(init_key, start.params, start.state)
+        init_state = shapes.init_state
+        with shd.scope(mesh, rules):
+            state = jax.jit(
+                lambda k, p, s: nn.unbox(init_state(k, p, s)), out_shardings=state_shardings
+            )(init_key, start.params, start.state)
+    memory = {
+        "params": shd.array_bytes_per_device(state.params),
+        "ema_params": shd.array_bytes_per_device(state.ema_params),
+        "opt_state": shd.array_bytes_per_device(state.opt_state),
+        "model_state": shd.array_bytes_per_device(state.model_state),
+        "frozen": shd.array_bytes_per_device(frozen),
+    }
+    logging.info("bytes per device: %s", memory)
 
-    # --- Jitted train step -------------------------------------------------------------------
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            method=method,
-            tx=tx,
-            base_key=base_key,
-            ema_decay=config.ema_decay,
-            labels=labels,
-        ),
-        in_shardings=(state_shardings, frozen_shardings, shd.batch_sharding(mesh)),
-        out_shardings=(state_shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
+    # --- Jitted train step (compiled at the first batch, in the mesh and rules scope) ---------
+    step_fn = make_train_step(config, shapes, mesh, state_shardings, frozen_shardings)
+    compiled_step = None
+    speed = None
 
     # --- Loop --------------------------------------------------------------------------------
     history: list[dict[str, float]] = []
@@ -588,7 +732,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer))
     pending: list[dict[str, jax.Array]] = []
     eval_images = None
-    evaluator = Evaluator(method, mesh, config.seed)
+    evaluator = Evaluator(method, mesh, config.seed, rules)
     stride = method.stride
     max_streak = int(config.max_consecutive_nonfinite)
     streak = 0  # consecutive non-finite steps, read from the metrics at log time
@@ -602,11 +746,19 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     with _Preemption() as preemption:
         step, t_first, first_step = start_step, time.perf_counter(), start_step
         t_log, log_step = t_first, start_step
+        paused = 0.0  # evaluation and checkpoint seconds, left out of the throughput
+        train_seconds = 0.0
         for step in range(start_step + 1, total_steps + 1):
+            batch = next(batches)
+            if compiled_step is None:
+                compiled_step, speed = compile_train_step(
+                    config, step_fn, mesh, rules, state, frozen, batch
+                )
+                _console(_compiled_line(speed, jax.devices()[0].device_kind))
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = step_fn(state, frozen, next(batches))
+                state, metrics = compiled_step(state, frozen, batch)
             if step == start_step + 1:
-                jax.block_until_ready(state)  # the first step includes compilation
+                jax.block_until_ready(state)  # the first step pays for the first transfers
                 t_first, first_step = time.perf_counter(), step
                 t_log, log_step = t_first, step
             for hook in hooks:
@@ -630,17 +782,26 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
                 writer.write_scalars(step, logged)
                 history.append({"step": step, **logged})
                 now = time.perf_counter()
-                rate = (step - log_step) / (now - t_log) if step > log_step else 0.0
-                t_log, log_step = now, step
+                busy = now - t_log - paused
+                rate = (step - log_step) / busy if step > log_step and busy > 0 else 0.0
+                train_seconds += max(busy, 0.0) if step > log_step else 0.0
+                t_log, log_step, paused = now, step, 0.0
                 eta = _format_duration((total_steps - step) / rate) if rate else "?"
                 shown = "  ".join(f"{k} {logged[k]:.4g}" for k in console_keys if k in logged)
                 skipped = f"  skipped {int(logged['nonfinite_total'])}" if streak else ""
+                speed_text = ""
+                if rate:
+                    perf = speed.at(rate)
+                    writer.write_scalars(step, {f"perf/{k}": v for k, v in perf.items()})
+                    speed_text = "  " + speed.format(perf)
                 _console(
-                    f"step {step}/{total_steps}  {shown}  {rate:.2f} steps/s  ETA {eta}{skipped}"
+                    f"step {step}/{total_steps}  {shown}  {rate:.2f} steps/s{speed_text}  "
+                    f"ETA {eta}{skipped}"
                 )
                 if on_step is not None:
                     on_step(step, logged)
 
+            t_pause = time.perf_counter()
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
                 if eval_images is None:
                     eval_images = _eval_images(config)
@@ -659,6 +820,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
                 # donates (overwrites) their buffers: give it a copy of its own.
                 saved = jax.tree.map(jnp.copy, state) if async_save else state
                 ckpt.save(step, saved, batches.get_state())
+            paused += time.perf_counter() - t_pause
             if final:
                 bundle = _write_bundle(
                     method, config, state, start.frozen, identity, step, workdir, ckpt
@@ -689,10 +851,19 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     timed_steps = step - first_step if step > start_step else 0
     ckpt.close()
     writer.flush()
+    perf = {}
+    if speed is not None:
+        perf = speed.describe() | {"device_kind": jax.devices()[0].device_kind}
+        if timed_steps and train_seconds > 0:
+            perf |= speed.at(timed_steps / train_seconds)
     summary = {
         # Steady-state speed: steps after the first (which compiles), including data,
         # logging, evaluation and checkpoint time.
         "steps_per_sec": timed_steps / (time.perf_counter() - t_first) if timed_steps else None,
+        # Training alone (evaluation and checkpoints left out): examples/s, TFLOP/s per
+        # device (XLA's cost analysis of the compiled step) and MFU against the peak.
+        "throughput": perf,
+        "bytes_per_device": memory,
         "final_step": step,
         "resumed_from": start_step,
         "history": history,
@@ -799,6 +970,8 @@ def main(argv: list[str]) -> None:
             f"{summary['nonfinite_total']} non-finite steps skipped, "
             f"{summary['steps_per_sec'] or 0:.2f} steps/s overall (with evaluation and saving)"
         )
+        if summary.get("throughput", {}).get("examples_per_sec"):
+            print("training throughput: " + tput.Throughput.format(summary["throughput"]))
         if summary["eval"]:
             print("final eval: " + _format_metrics(summary["eval"]))
         if summary["codec"]:

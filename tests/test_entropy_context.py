@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +34,7 @@ def ctx_model():
     y = jax.random.normal(jax.random.key(0), (1, 6, 6, 24)) * 3
     hyper = jax.random.normal(jax.random.key(1), (1, 6, 6, 48))
     init = jax.jit(lambda: model.init({"params": jax.random.key(2)}, y, hyper, train=False))
-    params = init()["params"]
+    params = nn.unbox(init()["params"])  # without the logical-axis boxes
     return model, params, y, hyper
 
 

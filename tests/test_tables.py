@@ -65,7 +65,7 @@ def hyperprior():
     init = jax.jit(
         lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)), train=False)
     )
-    params = init()["params"]
+    params = nn.unbox(init()["params"])  # host arrays, without the logical-axis boxes
     return model, params
 
 

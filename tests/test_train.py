@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -185,6 +186,7 @@ def test_config_overrides_reach_the_model():
     assert config.optimizer.lr == 2e-5
     method = get_method(config)
     shapes = jax.eval_shape(method.init, jax.random.key(0), method.dummy_batch(1))["params"]
+    shapes = nn.unbox(shapes)  # the shapes, without their logical axes
     assert shapes["g_a"]["Conv_0"]["kernel"].shape[-1] == 24
     assert shapes["g_a"]["Conv_3"]["kernel"].shape[-1] == 40
     assert shapes["entropy_bottleneck"]["quantiles"].shape == (24, 1, 3)

@@ -31,6 +31,7 @@ from jaxcodec.entropy import coder, fixedpoint
 from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.entropy.gaussian import gaussian_likelihood
 from jaxcodec.entropy.quantization import quantize
+from jaxcodec.nn import layers as nn_layers
 
 DEFAULT_GROUPS = {
     320: (16, 16, 32, 64, 192),  # ELIC
@@ -138,8 +139,10 @@ class ConvStack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, (kind, features, k, s, act) in enumerate(self.layers):
-            cls = nn.Conv if kind == "conv" else nn.ConvTranspose
-            x = cls(features, (k, k), strides=(s, s), padding="SAME", name=f"layer_{i}")(x)
+            conv = nn_layers.conv(
+                features, k, stride=s, padding="SAME", transpose=kind != "conv", name=f"layer_{i}"
+            )
+            x = conv(x)
             x = _activation(x, act)
         return x
 

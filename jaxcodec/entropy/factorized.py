@@ -28,26 +28,33 @@ class EntropyBottleneck(nn.Module):
         dims = (1, *self.filters, 1)
         scale = self.init_scale ** (1.0 / (len(self.filters) + 1))
         c = self.channels
+        # Logical axes: a few hundred numbers per channel, replicated by the default rules.
+        axes = ("entropy_channels", None, None)
+        boxed = lambda init: nn.with_logical_partitioning(init, axes)  # noqa: E731
         matrices, biases, factors = [], [], []
         for i in range(len(self.filters) + 1):
             init = float(np.log(np.expm1(1.0 / scale / dims[i + 1])))
             matrices.append(
-                self.param(f"matrix{i}", nn.initializers.constant(init), (c, dims[i + 1], dims[i]))
+                self.param(
+                    f"matrix{i}", boxed(nn.initializers.constant(init)), (c, dims[i + 1], dims[i])
+                )
             )
             biases.append(
                 self.param(
                     f"bias{i}",
-                    lambda k, s: jax.random.uniform(k, s, jnp.float32, -0.5, 0.5),
+                    boxed(lambda k, s: jax.random.uniform(k, s, jnp.float32, -0.5, 0.5)),
                     (c, dims[i + 1], 1),
                 )
             )
             if i < len(self.filters):
-                factors.append(self.param(f"factor{i}", nn.initializers.zeros, (c, dims[i + 1], 1)))
+                factors.append(
+                    self.param(f"factor{i}", boxed(nn.initializers.zeros), (c, dims[i + 1], 1))
+                )
         self.matrices, self.biases, self.factors = matrices, biases, factors
         s = self.init_scale
         self.quantiles = self.param(
             "quantiles",
-            lambda k, shape: jnp.tile(jnp.array([[-s, 0.0, s]], jnp.float32), (c, 1, 1)),
+            boxed(lambda k, shape: jnp.tile(jnp.array([[-s, 0.0, s]], jnp.float32), (c, 1, 1))),
             (c, 1, 3),
         )
 

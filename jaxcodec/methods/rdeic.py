@@ -59,7 +59,7 @@ STRIDE = 64  # z is at H/64
 def sd_configs(model: Any) -> tuple[UNetConfig, VAEConfig]:
     """The backbone's configs from the SD folder's config.json files (the authority), or SD
     2.1-base's when no folder is set (shapes only: nothing can be loaded then)."""
-    kw = dict(dtype=model.get("unet_dtype", "float32"), remat=bool(model.get("remat", False)))
+    kw = dict(dtype=model.get("unet_dtype", "float32"), remat=model.get("remat", False))
     if not model.sd_path:
         return UNetConfig.from_diffusers(SD21_BASE_UNET, **kw), VAEConfig.from_diffusers(
             SD21_BASE_VAE, remat=kw["remat"]

@@ -175,8 +175,8 @@ class AdapterDownBlock(nn.Module):
     def setup(self):
         c = self.base
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        Res = nn.remat(ResnetBlock2D) if c.remat else ResnetBlock2D
-        Tr = nn.remat(Transformer2D) if c.remat else Transformer2D
+        Res = layers.remat(ResnetBlock2D, c.remat, "resnet")
+        Tr = layers.remat(Transformer2D, c.remat, "attention")
         b2c, c2b, resnets, attentions = [], [], [], []
         for i in range(self.num_layers):
             base_in = self.base_in if i == 0 else self.base_out

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
-# Logical axis names used on parameters. Mapping rules to mesh axes live in the training config.
+# Logical axis names used on parameters (maxdiffusion's scheme). The rules mapping them to mesh
+# axes live in the config (`config.mesh.logical_axis_rules`, defaults in
+# `jaxcodec.configlib.base_config`, where every name is documented).
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 CONV_BIAS_AXES = ("conv_out",)
 # Activation axes (NHWC feature maps and token sequences).
@@ -26,24 +30,33 @@ def _init(init, axes):
     return nn.with_logical_partitioning(init, axes)
 
 
+def partitioned(init, axes: tuple[str | None, ...]):
+    """An initialiser whose parameter carries the logical axes ``axes`` (for ``self.param``)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
 def conv(
     features: int,
     kernel_size: int = 3,
     *,
     stride: int = 1,
-    padding: int | Sequence[tuple[int, int]] | None = None,
+    padding: int | str | Sequence[tuple[int, int]] | None = None,
     zero_init: bool = False,
+    transpose: bool = False,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.Conv:
-    """A 2-D convolution laid out like torch's Conv2d (symmetric padding k//2 by default)."""
+    """A 2-D convolution laid out like torch's Conv2d (symmetric padding k//2 by default;
+    ``padding="SAME"`` is XLA's, as the learned-codec transforms use it). ``transpose``: an
+    ``nn.ConvTranspose`` with the same axes."""
     if padding is None:
         padding = kernel_size // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
-    return nn.Conv(
+    cls = nn.ConvTranspose if transpose else nn.Conv
+    return cls(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
@@ -119,8 +132,77 @@ def layer_norm(
 
 
 def constrain(x: jnp.ndarray, axes: tuple[str | None, ...]) -> jnp.ndarray:
-    """Logical sharding constraint on an activation (a no-op without axis rules in scope)."""
-    return nn.with_logical_constraint(x, axes)
+    """Logical sharding constraint on an activation.
+
+    A no-op unless axis rules (`nn.logical_axis_rules`) and a mesh (`jax.set_mesh`) are in
+    scope, as in the training loop. A dimension the mapped mesh axes do not divide (one
+    evaluation image on eight devices) is left unconstrained rather than padded.
+    """
+    rules = nn.get_logical_axis_rules()
+    if not rules:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = nn.logical_to_mesh_axes(axes, rules)
+    sizes = dict(mesh.shape)
+    fitted = []
+    for dim, entry in zip(x.shape, spec, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if n in sizes)
+        n = int(np.prod([sizes[a] for a in names])) if names else 1
+        fitted.append(None if n == 1 or dim % n else names if len(names) > 1 else names[0])
+    if all(e is None for e in fitted):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*fitted))
+
+
+# Rematerialisation policies (`remat` fields of the UNet / VAE configs): what a remat'ed block
+# keeps from its forward pass for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "full": None,  # nothing saved: the whole block is recomputed (least memory)
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # matmul/conv outputs saved
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_BLOCK_KINDS = ("resnet", "attention")
+
+
+def remat_policy(spec: bool | str | None, kind: str) -> str | None:
+    """The policy name for blocks of ``kind`` ('resnet', 'attention') from a config's ``remat``
+    field: False/None/'' (no remat), True ('full'), a policy name for every block, or per block
+    kind, e.g. ``'resnet=dots,attention=full'`` (kinds not named are not remat'ed)."""
+    if kind not in REMAT_BLOCK_KINDS:
+        raise ValueError(f"unknown block kind {kind!r}; known: {REMAT_BLOCK_KINDS}")
+    if spec is None or spec is False or spec == "" or spec == "none":
+        return None
+    if spec is True:
+        return "full"
+    if not isinstance(spec, str):
+        raise ValueError(f"remat={spec!r}: use a bool, a policy name or 'kind=policy,...'")
+    if "=" not in spec:
+        policies = {k: spec for k in REMAT_BLOCK_KINDS}
+    else:
+        policies = {}
+        for item in spec.split(","):
+            key, sep, value = (p.strip() for p in item.partition("="))
+            if not sep or key not in REMAT_BLOCK_KINDS:
+                raise ValueError(f"remat item {item!r}: use kind=policy, kinds {REMAT_BLOCK_KINDS}")
+            policies[key] = value
+    policy = policies.get(kind)
+    if policy in (None, "none"):
+        return None
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
+    return policy
+
+
+def remat(cls: type[nn.Module], spec: bool | str | None, kind: str) -> type[nn.Module]:
+    """``cls`` wrapped in ``nn.remat`` with the policy ``spec`` gives blocks of ``kind``
+    (unchanged when that is no remat). Parameter names and values are unaffected."""
+    policy = remat_policy(spec, kind)
+    if policy is None:
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

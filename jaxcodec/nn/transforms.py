@@ -31,10 +31,18 @@ class GDN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        beta_p = self.param("beta", lambda k, s: jnp.sqrt(jnp.ones(s) + _PEDESTAL**2), (c,))
+        beta_p = self.param(
+            "beta",
+            layers.partitioned(lambda k, s: jnp.sqrt(jnp.ones(s) + _PEDESTAL**2), ("conv_out",)),
+            (c,),
+        )
+        # gamma[i, j] weighs input channel j in output i's norm: a 1×1 kernel (out, in).
         gamma_p = self.param(
             "gamma",
-            lambda k, s: jnp.sqrt(self.gamma_init * jnp.eye(c) + _PEDESTAL**2),
+            layers.partitioned(
+                lambda k, s: jnp.sqrt(self.gamma_init * jnp.eye(c) + _PEDESTAL**2),
+                ("conv_out", "conv_in"),
+            ),
             (c, c),
         )
         beta = _nonneg(beta_p, self.beta_min)
@@ -44,7 +52,7 @@ class GDN(nn.Module):
 
 
 def _conv(features: int, kernel: int, stride: int, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", name=name)
+    return layers.conv(features, kernel, stride=stride, padding="SAME", name=name)
 
 
 def depth_to_space(x: jax.Array, block: int) -> jax.Array:
@@ -69,7 +77,7 @@ class SubpixelConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = -(-self.kernel // self.stride)
-        y = nn.Conv(self.features * self.stride**2, (k, k), padding="SAME")(x)
+        y = layers.conv(self.features * self.stride**2, k, padding="SAME")(x)
         return depth_to_space(y, self.stride)
 
 

@@ -95,7 +95,9 @@ class UNetConfig(layers.DtypeNames):
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"
-    remat: bool = False
+    # Rematerialisation per block: False, True (= "full"), a policy of layers.REMAT_POLICIES,
+    # or per block kind, e.g. "resnet=dots,attention=full" (see layers.remat_policy).
+    remat: bool | str = False
     # "swin": ResShift's Swin layers instead of transformers (self-attention only); "first":
     # attention after the first resnet of each attention block only (ResShift's Swin-UNet).
     attention_block: str = "transformer"
@@ -196,15 +198,16 @@ class UNetConfig(layers.DtypeNames):
         return out
 
 
-def _maybe_remat(cls, remat: bool):
-    return nn.remat(cls) if remat else cls
+def _maybe_remat(cls, remat: bool | str, kind: str):
+    """``cls`` rematerialised with the policy the config's ``remat`` gives ``kind`` blocks."""
+    return layers.remat(cls, remat, kind)
 
 
 def _attention(c: UNetConfig, channels: int, heads: int, tlayers: int, cross: bool, window: int):
     """One attention layer of a block: a diffusers transformer or a ResShift Swin layer."""
     kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
     if c.attention_block == "swin":
-        return _maybe_remat(SwinLayer, c.remat)(
+        return _maybe_remat(SwinLayer, c.remat, "attention")(
             c.swin_embed_dim,
             c.swin_head_channels,
             window,
@@ -214,7 +217,7 @@ def _attention(c: UNetConfig, channels: int, heads: int, tlayers: int, cross: bo
             c.swin_shift_mask,
             **kw,
         )
-    Tr = _maybe_remat(Transformer2D, c.remat)
+    Tr = _maybe_remat(Transformer2D, c.remat, "attention")
     return Tr(
         heads,
         channels // heads,
@@ -233,7 +236,7 @@ def _block_layers(block) -> tuple[list[nn.Module], list[nn.Module]]:
     With ``attention_layers="first"`` only the first resnet is followed by attention."""
     c = block.config
     kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-    Res = _maybe_remat(ResnetBlock2D, c.remat)
+    Res = _maybe_remat(ResnetBlock2D, c.remat, "resnet")
     resnets = [
         Res(
             block.out_channels,
@@ -321,7 +324,7 @@ class UNetMidBlock(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        Res = _maybe_remat(ResnetBlock2D, c.remat)
+        Res = _maybe_remat(ResnetBlock2D, c.remat, "resnet")
         groups = self.groups or c.norm_num_groups
         eps = self.resnet_eps or c.norm_eps
         tnorm = c.resnet_time_scale_shift
@@ -346,7 +349,7 @@ class UNetMidBlock(nn.Module):
             window = c.swin_mid_window_size
             self.attentions = [_attention(c, self.out_channels, 0, 0, False, window)]
         else:
-            Tr = _maybe_remat(Transformer2D, c.remat)
+            Tr = _maybe_remat(Transformer2D, c.remat, "attention")
             self.attentions = [
                 Tr(
                     self.heads,

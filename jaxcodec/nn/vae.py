@@ -57,7 +57,7 @@ class VAEConfig(layers.DtypeNames):
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False  # per block, as UNetConfig.remat (the VAE remats resnets only)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -114,7 +114,7 @@ def _kw(c: VAEConfig) -> dict:
 
 
 def _resnet(c: VAEConfig):
-    return nn.remat(ResnetBlock2D) if c.remat else ResnetBlock2D
+    return layers.remat(ResnetBlock2D, c.remat, "resnet")
 
 
 def _resnet_stack(
