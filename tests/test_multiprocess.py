@@ -13,6 +13,7 @@ import numpy as np
 from jaxcodec.configlib import PROJECT_ROOT
 
 FLAGS = [
+    "--config.stages=()",  # stage 1 alone, in the workdir itself
     "--config.total_steps=3",
     "--config.model.N=16",
     "--config.model.M=16",

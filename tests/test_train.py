@@ -18,6 +18,7 @@ from jaxcodec.configlib import PROJECT_ROOT, load_config
 from jaxcodec.train import NonFiniteError, train_and_evaluate
 
 SMALL = [
+    "stages=()",  # stage 1 alone, in the workdir itself
     "model.N=16",
     "model.M=16",
     "model.context_groups=(8,8)",  # the default ELIC entropy model, two groups
