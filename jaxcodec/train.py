@@ -865,6 +865,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         "throughput": perf,
         "bytes_per_device": memory,
         "final_step": step,
+        "preempted": bool(preemption.requested),  # stopped on SIGTERM before total_steps
         "resumed_from": start_step,
         "history": history,
         "eval": last_eval,
@@ -950,6 +951,8 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str | Path) -> list
             cfg.init_from = str((workdir / f"stage{n - 1}").absolute())
         _console(f"=== stage {n} of {config.method}: {workdir / f'stage{n}'}")
         summaries.append(train_and_evaluate(cfg, workdir / f"stage{n}"))
+        if summaries[-1].get("preempted"):  # the same command resumes this stage
+            break
     return summaries
 
 

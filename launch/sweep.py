@@ -44,6 +44,12 @@ def _set(config, key: str, value) -> None:
     node[leaf] = value
 
 
+def _stop_if_preempted(summaries: list[dict]) -> None:
+    """A preempted run (SIGTERM) ends the sweep; the same command resumes it."""
+    if summaries and summaries[-1].get("preempted"):
+        raise SystemExit("sweep stopped on SIGTERM; the same command resumes it")
+
+
 def train(args) -> tuple[Path, dict[str, Path]]:
     """The shared earlier stages, then the swept stage per value; returns the models."""
     from jaxcodec.configlib import load_config
@@ -57,7 +63,7 @@ def train(args) -> tuple[Path, dict[str, Path]]:
     if len(stages) > 1:
         first = load_config(args.config, [f"--config.{s}" for s in args.set])
         first.stages = stages[:-1]
-        train_stages(first, shared)
+        _stop_if_preempted(train_stages(first, shared))
     models = {}
     for v in args.values:
         cfg = load_config(args.config, [f"--config.{s}" for s in args.set])
@@ -66,7 +72,7 @@ def train(args) -> tuple[Path, dict[str, Path]]:
             cfg.init_from = str((shared / f"stage{stages[-2]}").absolute())
         _set(cfg, args.field, _value(v))
         run = workdir / f"{args.field}={v}"
-        train_stages(cfg, run)
+        _stop_if_preempted(train_stages(cfg, run))
         models[v] = run / f"stage{swept}"
     return shared / f"stage{stages[-2]}" if len(stages) > 1 else None, models
 

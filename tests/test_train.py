@@ -290,3 +290,23 @@ def test_frozen_parameter_subsets_do_not_move():
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
     assert not any(jax.tree.leaves(moved["g_a"]))
     assert all(jax.tree.leaves(moved["g_s"]))
+
+
+def test_a_preempted_stage_ends_the_stage_driver(tmp_path, monkeypatch):
+    """SIGTERM in stage 1 stops `train_stages` there: stage 2 must not start from a half-trained
+    stage 1 (the same command resumes stage 1, then runs stage 2)."""
+    from jaxcodec import train
+
+    ran = []
+
+    def fake_stage(cfg, workdir):
+        ran.append(Path(workdir).name)
+        return {"preempted": len(ran) == 1, "final_step": 2}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_stage)
+    summaries = train.train_stages(small_config("stages=(1,2)"), tmp_path)
+    assert ran == ["stage1"] and summaries[-1]["preempted"]
+    ran.clear()
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w: ran.append(Path(w).name) or {})
+    train.train_stages(small_config("stages=(1,2)"), tmp_path)
+    assert ran == ["stage1", "stage2"]
