@@ -100,19 +100,15 @@ def test_large_image_in_patches_without_seams_identical_in_fresh_processes(train
     # differently with 8 host devices than with 1-4, so a float decoder is bit-exact across
     # processes of one configuration (the entropy-decoded latents are exact everywhere).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"fresh{i}.npy"
-        subprocess.run(
-            [sys.executable, "-c", _DECODE, str(trained / "stage2"), str(jxc), str(out)],
-            check=True,
-            env=env,
-            cwd=PROJECT_ROOT,
-            timeout=600,
-        )
-        outs.append(np.load(out))
-    np.testing.assert_array_equal(outs[0], outs[1])
-    np.testing.assert_array_equal(outs[0], decoded)
+    out = tmp_path / "fresh.npy"
+    subprocess.run(
+        [sys.executable, "-c", _DECODE, str(trained / "stage2"), str(jxc), str(out)],
+        check=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=600,
+    )
+    np.testing.assert_array_equal(np.load(out), decoded)  # a fresh process: the same pixels
 
 
 def test_stage_two_alone_and_wrong_handover_are_clear(trained, tmp_path):

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -72,12 +73,16 @@ def test_two_processes_match_one_process(tmp_path):
     check_portable_files(tmp_path / "two", tmp_path)
 
 
-def cli(args: list[str], devices: int) -> subprocess.CompletedProcess:
-    """`python -m jaxcodec ARGS` in a fresh process with `devices` CPU devices."""
+def cli(commands: list[list[str]], devices: int) -> subprocess.CompletedProcess:
+    """The CLI's commands (`jaxcodec ARGS` each, in order) in one fresh process with `devices`
+    CPU devices: `jaxcodec.cli.main`, what the console script and `python -m jaxcodec` call."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    script = "import sys\nfrom jaxcodec.cli import main\n" + "".join(
+        f"rc = main({c!r})\nif rc: sys.exit(rc)\n" for c in commands
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxcodec", *args],
+        [sys.executable, "-c", script],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -89,22 +94,19 @@ def cli(args: list[str], devices: int) -> subprocess.CompletedProcess:
 
 
 def check_portable_files(model, tmp_path) -> None:
-    """Compress on 1 device and on 8; decompress each on 1 and on 8: identical pixels, and the
-    same file from both encoders."""
+    """Compress on 8 devices and on 1: the same bytes; the 8-device file decoded on 8 devices
+    and, in a fresh 1-device process, on 1: the same pixels."""
     from PIL import Image
     from skimage import data
 
     src = tmp_path / "in.png"
     Image.fromarray(data.chelsea()[:120, :150]).save(src)
-    files = {}
-    for enc in (1, 8):
-        files[enc] = tmp_path / f"enc{enc}.jxc"
-        cli(["compress", str(src), str(files[enc]), "--checkpoint", str(model)], enc)
-    assert files[1].read_bytes() == files[8].read_bytes()
-    decoded = []
-    for dec in (1, 8):
-        out = tmp_path / f"dec{dec}.png"
-        cli(["decompress", str(files[1]), str(out), "--checkpoint", str(model)], dec)
-        decoded.append(np.asarray(Image.open(out)))
+    enc = {n: str(tmp_path / f"enc{n}.jxc") for n in (1, 8)}
+    dec = {n: str(tmp_path / f"dec{n}.png") for n in (1, 8)}
+    ckpt = ["--checkpoint", str(model)]
+    cli([["compress", str(src), enc[8], *ckpt], ["decompress", enc[8], dec[8], *ckpt]], 8)
+    cli([["compress", str(src), enc[1], *ckpt], ["decompress", enc[8], dec[1], *ckpt]], 1)
+    assert Path(enc[1]).read_bytes() == Path(enc[8]).read_bytes()
+    decoded = [np.asarray(Image.open(dec[n])) for n in (1, 8)]
     np.testing.assert_array_equal(decoded[0], decoded[1])
     assert decoded[0].shape == (120, 150, 3)
