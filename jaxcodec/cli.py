@@ -101,16 +101,6 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
 
 
-def _parse_options(items: list[str]) -> dict:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--option {item!r} is not NAME=VALUE")
-        options[key] = float(value)
-    return options
-
-
 def _compress_args(p: argparse.ArgumentParser) -> None:
     _codec_args(p)
     p.add_argument(
@@ -136,10 +126,10 @@ def _decompress_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("compress", _compress_args)
 def _compress(args) -> int:
-    from jaxcodec.codec import load_codec
+    from jaxcodec.codec import load_codec, parse_options
 
     codec = load_codec(
-        args.checkpoint, overrides=args.overrides, options=_parse_options(args.option)
+        args.checkpoint, overrides=args.overrides, options=parse_options(args.option)
     )
     r = compress_file(codec, args.input, args.output)
     print(

@@ -274,6 +274,20 @@ def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
         node[leaf] = value
 
 
+def parse_options(items: Sequence[str]) -> dict[str, float]:
+    """`["steps=4", "seed=3"]` → `{"steps": 4.0, "seed": 3.0}` (the coder types them)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            options[key] = float(value)
+        except ValueError:
+            raise ValueError(f"option {item!r} is not NAME=NUMBER") from None
+    return options
+
+
 def load_codec(
     path: str | Path,
     *,

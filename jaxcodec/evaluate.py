@@ -338,15 +338,10 @@ def plot_rd(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _load_checkpoint_codec(path: str) -> ImageCodec:
-    try:
-        from jaxcodec.codec import load_codec
-    except ImportError as e:
-        raise SystemExit(
-            f"--checkpoint needs jaxcodec.codec.load_codec, which could not be imported ({e}). "
-            "Evaluate classical codecs with --codec until it is available."
-        ) from e
-    return load_codec(path)
+def _load_checkpoint_codec(path: str, options: Sequence[str] = ()) -> ImageCodec:
+    from jaxcodec.codec import load_codec, parse_options
+
+    return load_codec(path, options=parse_options(options))
 
 
 def _parse_values(text: str | None) -> list[float] | None:
@@ -373,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=sorted(BACKENDS),
         help="classical codecs, each swept over its quality range",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="decode setting for every --checkpoint, written in its files (e.g. steps=2, "
+        "patch=512); default: the model's own",
     )
     p.add_argument("--data", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="output folder (created)")
@@ -428,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             desc = f"{c} via {'imagecodecs' if c == 'jxl' else 'pillow-heif' if c == 'heic' else 'Pillow'}, {BACKENDS[c].knob} sweep"  # noqa: E501
             curves.append((c, desc, sweep(c, values)))
     else:
-        codecs = [_load_checkpoint_codec(w) for w in args.checkpoint]
+        codecs = [_load_checkpoint_codec(w, args.option) for w in args.checkpoint]
         name = args.name or "jaxcodec"
         desc = "jaxcodec checkpoints: " + ", ".join(os.path.abspath(w) for w in args.checkpoint)
         curves.append((name, desc, codecs))

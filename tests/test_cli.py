@@ -131,6 +131,11 @@ def test_evaluate_subcommand_runs_the_evaluation_on_a_checkpoint(workdir, tmp_pa
     assert cli.main([*args, "--metrics", "psnr"]) == 0
     (result,) = [json.loads(p.read_text()) for p in out.glob("*.json")]
     assert len(result["results"]["bpp"]) == 1 and result["results"]["bpp"][0] > 0
+    # --option reaches the model's coder, which checks it (HFD stage 1 takes none).
+    with pytest.raises(ValueError, match="no decode option"):
+        cli.main([*args, "--option", "steps=2"])
+    with pytest.raises(ValueError, match="is not NAME=NUMBER"):
+        cli.main([*args, "--option", "steps"])
 
 
 def test_forged_header_over_the_budget_is_refused_at_once(workdir, codec, tmp_path, capsys):
