@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # HFD's `base` variant within an hour of a 2-core CPU, then Kodak from real files beside
-# classical codecs: the run behind the README's "HFD base on a CPU" numbers.
+# classical codecs (the README's bullet on it says what such a run shows).
 #   DATA=../shared/data/photos KODAK=../shared/data/kodak launch/hfd_base_cpu.sh runs/hfd_base
 # The models are base's (autoencoder N=128, M=192; UNet 64·[1,2,4]); what is cut for the CPU is
 # the crop (128 for stage 1, 64 for stage 2), the batch (8) and the steps (1300 + 300, about
