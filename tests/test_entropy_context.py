@@ -89,10 +89,11 @@ def test_fixed_point_coding_matches_the_float_model(ctx_model):
     dec_q, dec_sym, dec_idx = context.code(nets, tabs, hyper_q, decoder=coder.new_decoder(data))
     np.testing.assert_array_equal(dec_q, y_hat_q)
     np.testing.assert_array_equal(dec_idx, idx)
-    # The first groups match to fixed-point precision; later ones can inherit a rounding flip
-    # (y − μ within the fixed-point error of a .5 boundary) through the channel context.
+    # The first groups match to the integer networks' precision (int8 weights with a step per
+    # output channel: about 1 % of the parameters); later ones can inherit a rounding flip
+    # (y − μ within that error of a .5 boundary) through the channel context.
     err = np.abs(fixedpoint.from_fixed(y_hat_q) - y_hat_ref)
-    assert err[..., :8].max() < 1e-2
+    assert err[..., :8].max() < 3e-2
     assert (err < 1e-2).mean() > 0.6
 
 

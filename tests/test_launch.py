@@ -317,3 +317,104 @@ def test_local_processes_dry_run():
     # Identical but for the process id.
     strip = [[w for w in c if w not in ("0", "1", "2")] for c in cmds]
     assert strip[0] == strip[1] == strip[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/accelerator_check.sh: the refusal and the plan only (the check itself needs a GPU
+# or TPU; its CPU smoke mode takes minutes)
+# ---------------------------------------------------------------------------------------------
+
+CHECK = ROOT / "benchmarks" / "accelerator_check.sh"
+
+
+def test_accelerator_check_refuses_without_an_accelerator():
+    proc = _launch(CHECK, {"ACCELERATOR": "none"}, check=False)
+    assert proc.returncode == 2
+    assert "no GPU or TPU" in proc.stderr and "--allow-cpu" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("hw, platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_accelerator_check_plan(tmp_path, hw, platform):
+    out = _launch(CHECK, {"ACCELERATOR": hw}, "--dry-run", "--out", str(tmp_path)).stdout
+    parts = {}
+    for line in out.splitlines():
+        if not line.startswith("#"):
+            name, _, command = line.partition(":")
+            parts[name.split(" (")[0]] = shlex.split(command)
+    assert list(parts) == [
+        "parity",
+        "unet_speed",
+        "decode_hfd",
+        "decode_rdeic",
+        "decode_diffo",
+        "train_mfu",
+    ]
+    parity = parts["parity"]
+    assert (
+        f"JAX_PLATFORMS={platform}" in parity and "JAX_DEFAULT_MATMUL_PRECISION=highest" in parity
+    )
+    tests = {w for w in parity if w.startswith("tests/")}
+    assert {"tests/test_unet.py", "tests/test_vae.py", "tests/test_control.py"} <= tests
+    assert {"tests/test_clip.py", "tests/test_metrics_perceptual.py"} <= tests
+    assert all((ROOT / t).is_file() for t in tests)
+    assert parts["unet_speed"][1:] == [
+        "benchmarks/unet_speed.py",
+        "--repeats",
+        "3",
+        "--device",
+        "auto",
+    ]
+    for method in ("hfd", "rdeic", "diffo"):
+        argv = parts[f"decode_{method}"]
+        assert _flag(argv, "--method") == method and _flag(argv, "--variant") == "full"
+        assert _flag(argv, "--size") == "768x512"
+    assert _flag(parts["train_mfu"], "--config") == "configs/hfd.py:full"
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_accelerator_check_report(tmp_path):
+    """The one JSON line, from the parts' files (no JAX needed)."""
+    import json
+
+    (tmp_path / "parity.log").write_text(
+        "....F\nFAILED tests/test_vae.py::test_x - boom\n1 failed, 41 passed in 61.20s (0:01:01)\n"
+    )
+    helper = ["python3", str(ROOT / "benchmarks" / "accelerator_check.py")]
+    summary = subprocess.run(
+        [*helper, "pytest-summary", str(tmp_path / "parity.log")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (tmp_path / "parity.json").write_text(summary)
+    (tmp_path / "parity.status").write_text("1 70")
+    speed = {
+        "unet_jax_s": 0.05,
+        "unet_torch_s": 0.06,
+        "unet_ratio": 0.83,
+        "vae_decoder_ratio": 0.9,
+        "torch_device": "cuda",
+        "jax_backend": "gpu",
+    }
+    (tmp_path / "unet_speed.json").write_text(json.dumps(speed))
+    (tmp_path / "unet_speed.status").write_text("0 80")
+    (tmp_path / "decode_hfd.json").write_text(json.dumps({"decode_s": 0.4}))
+    (tmp_path / "decode_hfd.status").write_text("0 50")
+    (tmp_path / "decode_rdeic.status").write_text("124 100")
+    (tmp_path / "train_mfu.status").write_text("skipped: the time budget (465s) was spent")
+    line = subprocess.run(
+        [*helper, "report", str(tmp_path), "--set", 'mode="accelerator"', "--set", "total_s=300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert len(line.splitlines()) == 1
+    r = json.loads(line)
+    assert r["mode"] == "accelerator" and r["total_s"] == 300
+    assert r["parity_passed"] == 41 and r["parity_failed"] == 1
+    assert r["parts"]["parity"]["result"]["failures"] == ["tests/test_vae.py::test_x"]
+    assert r["unet_ratio"] == 0.83 and r["decode_hfd_s"] == 0.4 and r["decode_rdeic_s"] is None
+    assert r["parts"]["decode_rdeic"]["status"] == "timeout"
+    assert r["parts"]["train_mfu"]["status"].startswith("skipped")
+    assert r["ok"] is False

@@ -4,6 +4,7 @@ built from the official layouts, the fixed-point GELU / pixel shuffle / residual
 compressor's host coding, and the RDEIC adapter wiring (zero init = the plain UNet)."""
 
 import flax.linen as nn
+import intnet_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +100,9 @@ def test_fixed_point_residual_blocks_track_the_float_blocks():
         got = fixedpoint.from_fixed(fixedpoint.run(net, fixedpoint.to_fixed(np.asarray(x)[0])))
         want = np.asarray(jax.jit(block.apply)({"params": p}, x))[0]
         assert got.shape == want.shape
-        assert np.abs(got - want).max() < 5e-3
+        assert np.abs(got - want).max() < 0.01 * np.abs(want).max()  # int8 weights: ~0.5 %
+        x_q = fixedpoint.to_fixed(np.asarray(x)[0])
+        np.testing.assert_array_equal(fixedpoint.run(net, x_q), intnet_reference.run(net, x_q))
 
 
 def test_fixed_point_gelu_and_pixel_shuffle():
@@ -177,7 +180,8 @@ def test_rdeic_context_is_causal_and_codes_exactly():
     dec_q, _, dec_idx = context_lib.code(nets, tabs, hyper_q, decoder=coder.new_decoder(data))
     np.testing.assert_array_equal(dec_q, y_q)
     np.testing.assert_array_equal(dec_idx, idx)
-    assert (np.abs(fixedpoint.from_fixed(y_q) - y_ref) < 1e-2).mean() > 0.9
+    # Within the int8 networks' error (~1 % of the parameters), bar inherited rounding flips.
+    assert (np.abs(fixedpoint.from_fixed(y_q) - y_ref) < 3e-2).mean() > 0.9
 
 
 def test_latent_coding_round_trip():

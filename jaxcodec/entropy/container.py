@@ -28,7 +28,8 @@ from collections.abc import Collection
 import numpy as np
 
 MAGIC = b"JX"
-VERSION = 2  # 2: option flags became a varint; options for noise level and patch size
+VERSION = 3  # 2: option flags became a varint, options for noise level and patch size;
+# 3: entropy parameters from integer networks (int8 weights, int32 accumulation) on the device
 MODEL_ID_BYTES = 2
 CHECKSUM_BYTES = 4
 MAX_SIDE = 1 << 16  # pixels per side

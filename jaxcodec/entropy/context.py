@@ -20,7 +20,9 @@ Two recipes (`RECIPES`) fix the layers and wiring:
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcodec.entropy import coder, fixedpoint
-from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.entropy.gaussian import gaussian_likelihood
 from jaxcodec.entropy.quantization import quantize
 from jaxcodec.nn import layers as nn_layers
@@ -241,45 +242,264 @@ def export(params: dict, groups: Sequence[int], recipe: str = "elic") -> dict:
     return out
 
 
-def code(nets, y_tables, hyper_q, y=None, encoder=None, decoder=None):
-    """Both passes of every group, in coding order, on fixed-point hyper features hyper_q.
-    Encodes y (float [h, w, M]) when given an encoder, else decodes from `decoder`.
-    Returns (y_hat_q [h, w, M] on the fixed-point grid, symbols, table indices)."""
-    groups = [int(g) for g in nets["groups"]]
+# ---------------------------------------------------------------------------------------------
+# Coding: the integer entropy-parameter networks on the device, range coding on the host.
+# ---------------------------------------------------------------------------------------------
+
+SYMBOL_LIMIT = 1 << 18  # |y symbol| bound: y_hat = symbol·2^12 + μ stays inside int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static structure of the entropy-parameter program of y: the prepared h_s (None when
+    the caller gives the hyper features) and, with a context model, its networks per group
+    (None: plain mean–scale, one pass over all of y). Hashable: jit compiles once per plan
+    and image size."""
+
+    h_s: tuple | None
+    groups: tuple[int, ...] | None
+    recipe: int = 0
+    channel: tuple = ()
+    spatial: tuple = ()
+    param_anchor: tuple = ()
+    param_nonanchor: tuple = ()
+
+    @property
+    def num_passes(self) -> int:
+        return 1 if self.groups is None else 2 * len(self.groups)
+
+
+def build_program(h_s_net: dict | None, nets: dict | None, y_tables: dict) -> tuple[Plan, dict]:
+    """(Plan, arrays) from stored integer networks and y's tables; raises
+    `fixedpoint.FixedPointOverflow` for any network that could overflow int32."""
+    hs_spec, hs_arrays = fixedpoint.prepare(h_s_net) if h_s_net is not None else (None, None)
+    thresholds = np.asarray(y_tables["thresholds"], np.int64)
+    if thresholds.min() < 0 or thresholds.max() > fixedpoint.ACT_LIMIT:
+        raise ValueError("scale thresholds out of range")
+    arrays = {"h_s": hs_arrays, "thresholds": thresholds.astype(np.int32)}
+    if nets is None:
+        return Plan(hs_spec, None), arrays
+    groups = tuple(int(g) for g in nets["groups"])
     r = _BY_CODE[int(nets["recipe"])] if "recipe" in nets else RECIPES["elic"]
-    h, w = hyper_q.shape[:2]
-    anchors = anchor_mask(h, w, r.anchor_parity)
+    specs: dict[str, list] = {"channel": [], "spatial": [], "param_a": [], "param_n": []}
+    for name in specs:
+        arrays[name] = []
+    for k in range(len(groups)):
+        names = {
+            "channel": f"channel_{k}" if k > 0 else None,
+            "spatial": f"spatial_{k}",
+            "param_a": f"param_anchor_{k}" if r.split_params else f"param_{k}",
+            "param_n": f"param_nonanchor_{k}" if r.split_params else f"param_{k}",
+        }
+        for slot, key in names.items():
+            spec, arr = fixedpoint.prepare(nets[key]) if key else (None, None)
+            specs[slot].append(spec)
+            arrays[slot].append(arr)
+    plan = Plan(
+        hs_spec,
+        groups,
+        r.code,
+        tuple(specs["channel"]),
+        tuple(specs["spatial"]),
+        tuple(specs["param_a"]),
+        tuple(specs["param_n"]),
+    )
+    return plan, arrays
+
+
+def _pass_layout(plan: Plan, p: int, h: int, w: int):
+    """(positions: flat indices into h·w, first channel, channel count) of pass p."""
+    if plan.groups is None:
+        return np.arange(h * w), 0, None
+    k, anchor = divmod(p, 2)
+    r = _BY_CODE[plan.recipe]
+    mask = anchor_mask(h, w, r.anchor_parity)
+    pos = np.flatnonzero(mask if anchor == 0 else ~mask)
+    return pos, int(sum(plan.groups[:k])), plan.groups[k]
+
+
+def _rows(x: jax.Array, pos: np.ndarray) -> jax.Array:
+    """[h, w, C] → [1, len(pos), 1, C]: the pass's positions as a column image (1×1 nets)."""
+    return x.reshape(-1, x.shape[-1])[pos][None, :, None, :]
+
+
+def _init(plan: Plan, arrays: dict, z_q: jax.Array, m: int) -> dict:
+    if plan.h_s is None:
+        hyper = jnp.clip(z_q, -fixedpoint.ACT_LIMIT, fixedpoint.ACT_LIMIT).astype(jnp.int32)
+    else:
+        hyper = fixedpoint.apply(plan.h_s, arrays["h_s"], z_q[None])[0]
+    y_hat = jnp.zeros((*hyper.shape[:2], m), jnp.int32)
+    return {"hyper": hyper, "y_hat": y_hat}
+
+
+def _params(plan: Plan, arrays: dict, p: int, state: dict):
+    """Entropy parameters of pass p → (table indices, means_q) [n, c], and the state (the
+    group's channel context, computed at its anchor pass, is kept for its non-anchor pass)."""
+    hyper, y_hat = state["hyper"], state["y_hat"]
+    h, w = hyper.shape[:2]
+    pos, start, c = _pass_layout(plan, p, h, w)
+    if plan.groups is None:
+        m = y_hat.shape[-1]
+        params = hyper.reshape(h * w, 2 * m)
+    else:
+        k, nonanchor = divmod(p, 2)
+        r = _BY_CODE[plan.recipe]
+        app = fixedpoint.apply
+        if not nonanchor:
+            state = dict(state, channel=None)
+            if k > 0:
+                ctx_in = y_hat[None, ..., :start]
+                state["channel"] = app(plan.channel[k], arrays["channel"][k], ctx_in)[0]
+        channel = None if state["channel"] is None else _rows(state["channel"], pos)
+        if nonanchor:
+            mask = anchor_mask(h, w, r.anchor_parity)[..., None]
+            anchors = jnp.where(mask, y_hat[..., start : start + c], 0)
+            spatial = app(plan.spatial[k], arrays["spatial"][k], anchors[None])[0]
+            spatial = _rows(spatial, pos)
+            net, net_arrays = plan.param_nonanchor[k], arrays["param_n"][k]
+        else:
+            spatial = None if r.split_params else jnp.zeros((1, len(pos), 1, 2 * c), jnp.int32)
+            net, net_arrays = plan.param_anchor[k], arrays["param_a"][k]
+        inputs = _inputs(r, _rows(hyper, pos), channel, spatial)
+        params = app(net, net_arrays, jnp.concatenate(inputs, -1))[0, :, 0, :]
+    c = params.shape[-1] // 2
+    scales_q, means_q = params[:, :c], params[:, c:]
+    thresholds = jnp.asarray(arrays["thresholds"])
+    idx = jnp.searchsorted(thresholds, scales_q, side="left")
+    idx = jnp.minimum(idx, thresholds.shape[0] - 1).astype(jnp.int32)
+    return idx, means_q, state
+
+
+def _write(plan: Plan, p: int, state: dict, sym: jax.Array, means_q: jax.Array) -> dict:
+    """y_hat at pass p's positions = symbol·2^12 + μ."""
+    y_hat = state["y_hat"]
+    h, w, m = y_hat.shape
+    pos, start, c = _pass_layout(plan, p, h, w)
+    c = m if c is None else c
+    values = sym.astype(jnp.int32) * (1 << fixedpoint.ACT_BITS) + means_q
+    flat = y_hat.reshape(h * w, m).at[pos, start : start + c].set(values)
+    return dict(state, y_hat=flat.reshape(h, w, m))
+
+
+def _float(y_hat_q: jax.Array) -> jax.Array:
+    return y_hat_q.astype(jnp.float32) * (1.0 / (1 << fixedpoint.ACT_BITS))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode_first(plan: Plan, arrays: dict, z_q: jax.Array, m: int):
+    state = _init(plan, arrays, z_q, m)
+    idx, means_q, state = _params(plan, arrays, 0, state)
+    return dict(state, means=means_q), idx
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode_step(plan: Plan, p: int, arrays: dict, state: dict, sym: jax.Array):
+    """Writes pass p − 1's decoded symbols, then computes pass p's table indices."""
+    state = _write(plan, p - 1, state, sym, state["means"])
+    idx, means_q, state = _params(plan, arrays, p, state)
+    return dict(state, means=means_q), idx
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_last(plan: Plan, state: dict, sym: jax.Array):
+    y_hat_q = _write(plan, plan.num_passes - 1, state, sym, state["means"])["y_hat"]
+    return y_hat_q, _float(y_hat_q)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_all(plan: Plan, arrays: dict, z_q: jax.Array, y: jax.Array):
+    """Every pass at once (the encoder knows y): the decoder's functions in the same order,
+    so the integer results are identical. → (symbols, indices per pass, y_hat_q, y_hat)."""
+    h, w, m = y.shape
+    state = _init(plan, arrays, z_q, m)
+    symbols, indices = [], []
+    for p in range(plan.num_passes):
+        idx, means_q, state = _params(plan, arrays, p, state)
+        pos, start, c = _pass_layout(plan, p, h, w)
+        c = m if c is None else c
+        mu = means_q.astype(jnp.float32) * (1.0 / (1 << fixedpoint.ACT_BITS))
+        sym = jnp.round(y.reshape(h * w, m)[pos, start : start + c] - mu)
+        sym = jnp.clip(sym, -SYMBOL_LIMIT, SYMBOL_LIMIT).astype(jnp.int32)
+        state = _write(plan, p, state, sym, means_q)
+        symbols.append(sym)
+        indices.append(idx)
+    return tuple(symbols), tuple(indices), state["y_hat"], _float(state["y_hat"])
+
+
+_PROGRAMS: dict[tuple, tuple] = {}
+
+
+def program(h_s_net: dict | None, nets: dict | None, y_tables: dict) -> tuple[Plan, dict]:
+    """`build_program` with the arrays on the device, once per set of stored tables."""
+    held = (h_s_net, nets, y_tables["thresholds"])
+    key = tuple(map(id, held))
+    hit = _PROGRAMS.get(key)
+    if hit is None or any(a is not b for a, b in zip(hit[0], held, strict=True)):
+        if len(_PROGRAMS) >= 16:
+            _PROGRAMS.clear()
+        plan, arrays = build_program(h_s_net, nets, y_tables)
+        # The stored objects are held so their ids stay unique while cached.
+        hit = (held, plan, jax.device_put(arrays))
+        _PROGRAMS[key] = hit
+    return hit[1], hit[2]
+
+
+class CodingResult(NamedTuple):
+    y_hat: np.ndarray  # float32 [h, w, M]
+    y_hat_q: np.ndarray  # int32 [h, w, M] on the 2^-12 grid
+    symbols: np.ndarray  # int32 [h, w, M]
+    indices: np.ndarray  # int32 [h, w, M] (table of every element)
+
+
+def code_y(h_s_net, nets, y_tables, z_q, *, m: int, y=None, encoder=None, decoder=None):
+    """Codes y [h, w, M] (float, with an `encoder`) or decodes it (from a `decoder`): h_s on
+    the integer hyper latent z_q (or, with `h_s_net` None, z_q are the hyper features), then
+    every pass of the context model (or the one mean–scale pass), table indices and means on
+    the device; the host only range-codes. Returns a CodingResult."""
+    plan, arrays = program(h_s_net, nets, y_tables)
     table_coder = coder.cached_coder(y_tables)
-    thresholds = y_tables["thresholds"]
-    starts = np.concatenate([[0], np.cumsum(groups)])
-    y_hat_q = np.zeros((h, w, starts[-1]), np.int64)
-    symbols = np.zeros_like(y_hat_q)
-    indices = np.zeros(y_hat_q.shape, np.int32)
-    for k, c in enumerate(groups):
-        sl = slice(starts[k], starts[k + 1])
-        channel = None
-        if k > 0:
-            channel = fixedpoint.run(nets[f"channel_{k}"], y_hat_q[..., : starts[k]])
-        for is_anchor in (True, False):
-            pos = anchors if is_anchor else ~anchors
-            if is_anchor:
-                spatial = None if r.split_params else np.zeros((int(pos.sum()), 2 * c), np.int64)
-                net = nets[f"param_anchor_{k}" if r.split_params else f"param_{k}"]
+    z_q = np.clip(np.asarray(z_q, np.int64), -fixedpoint.ACT_LIMIT, fixedpoint.ACT_LIMIT)
+    z_q = jnp.asarray(z_q.astype(np.int32))
+    if encoder is not None:
+        syms, idxs, y_hat_q, y_hat = _encode_all(plan, arrays, z_q, jnp.asarray(y, jnp.float32))
+        syms, idxs = jax.device_get((syms, idxs))
+        for sym, idx in zip(syms, idxs, strict=True):
+            table_coder.encode(encoder, sym, idx)
+    else:
+        state, idx = _decode_first(plan, arrays, z_q, m)
+        syms, idxs = [], []
+        for p in range(plan.num_passes):
+            idx = np.asarray(idx)
+            sym = table_coder.decode(decoder, idx).reshape(idx.shape)
+            if sym.size and np.abs(sym).max() > SYMBOL_LIMIT:
+                raise coder.CodingError("decoded symbol out of range")
+            sym = sym.astype(np.int32)
+            syms.append(sym)
+            idxs.append(idx)
+            if p + 1 < plan.num_passes:
+                state, idx = _decode_step(plan, p + 1, arrays, state, sym)
             else:
-                masked = np.where(anchors[..., None], y_hat_q[..., sl], 0)
-                spatial = fixedpoint.run(nets[f"spatial_{k}"], masked)[pos]
-                net = nets[f"param_nonanchor_{k}" if r.split_params else f"param_{k}"]
-            rows = _inputs(r, hyper_q[pos], None if channel is None else channel[pos], spatial)
-            params = fixedpoint.run(net, np.concatenate(rows, -1)[:, None, :])[:, 0, :]
-            scales_q, means_q = params[:, :c], params[:, c:]
-            idx = tables_lib.scale_index(scales_q, thresholds)
-            if encoder is not None:
-                mu = fixedpoint.from_fixed(means_q)
-                sym = np.round(np.asarray(y[pos][:, sl], np.float64) - mu).astype(np.int64)
-                table_coder.encode(encoder, sym, idx)
-            else:
-                sym = table_coder.decode(decoder, idx).reshape(idx.shape)
-            y_hat_q[pos, sl] = sym * (1 << fixedpoint.ACT_BITS) + means_q
-            symbols[pos, sl] = sym
-            indices[pos, sl] = idx
-    return y_hat_q, symbols, indices
+                y_hat_q, y_hat = _decode_last(plan, state, sym)
+    h, w = y_hat_q.shape[:2]
+    symbols = np.zeros((h * w, m), np.int32)
+    indices = np.zeros((h * w, m), np.int32)
+    for p, (sym, idx) in enumerate(zip(syms, idxs, strict=True)):
+        pos, start, c = _pass_layout(plan, p, h, w)
+        c = m if c is None else c
+        symbols[pos, start : start + c] = sym
+        indices[pos, start : start + c] = idx
+    return CodingResult(
+        np.asarray(y_hat),
+        np.asarray(y_hat_q),
+        symbols.reshape(h, w, m),
+        indices.reshape(h, w, m),
+    )
+
+
+def code(nets, y_tables, hyper_q, y=None, encoder=None, decoder=None):
+    """Both passes of every group, in coding order, on integer hyper features hyper_q
+    [h, w, F]. Encodes y (float [h, w, M]) when given an encoder, else decodes from `decoder`.
+    Returns (y_hat_q [h, w, M] on the 2^-12 grid, symbols, table indices)."""
+    m = int(sum(int(g) for g in nets["groups"]))
+    out = code_y(None, nets, y_tables, hyper_q, m=m, y=y, encoder=encoder, decoder=decoder)
+    return out.y_hat_q.astype(np.int64), out.symbols.astype(np.int64), out.indices

@@ -203,18 +203,6 @@ def decode_factorized(decoder, z_tables: dict, shape) -> np.ndarray:
     return sym * (1 << fixedpoint.ACT_BITS) + z_tables["medians_q"]
 
 
-def gaussian_symbols(y, means_q) -> np.ndarray:
-    """Integer symbols round(y − μ) with μ the decoder-side fixed-point mean."""
-
-    return np.round(np.asarray(y, np.float64) - fixedpoint.from_fixed(means_q)).astype(np.int64)
-
-
-def dequantize(sym, means_q) -> np.ndarray:
-    """y_hat = symbol + μ on the fixed-point grid (int64)."""
-
-    return sym * (1 << fixedpoint.ACT_BITS) + means_q
-
-
 def _coding_seconds(tables) -> float:
     z_seconds = coder.cached_coder(tables["z"]).seconds if "freqs" in tables["z"] else 0.0
     return z_seconds + coder.cached_coder(tables["y"]).seconds
@@ -259,20 +247,19 @@ class HyperpriorCoding(BitstreamCoder):
         return out
 
     def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None):
-        """Entropy parameters from the fixed-point h_s on z_hat, then y in coding order."""
-        hyper_q = fixedpoint.run(tables["h_s"], z_hat_q)
-        if "context" in tables:
-            return context_lib.code(tables["context"], tables["y"], hyper_q, y, encoder, decoder)
-        m = hyper_q.shape[-1] // 2
-        scales_q, means_q = hyper_q[..., :m], hyper_q[..., m:]
-        idx = tables_lib.scale_index(scales_q, tables["y"]["thresholds"])
-        table_coder = coder.cached_coder(tables["y"])
-        if encoder is not None:
-            sym = gaussian_symbols(y, means_q)
-            table_coder.encode(encoder, sym, idx)
-        else:
-            sym = table_coder.decode(decoder, idx).reshape(idx.shape)
-        return dequantize(sym, means_q), sym, idx
+        """h_s on z_hat and the entropy parameters of y on the device (integer programs), then
+        y range-coded on the host in coding order → (y_hat_q, symbols, table indices)."""
+        out = context_lib.code_y(
+            tables["h_s"],
+            tables.get("context"),
+            tables["y"],
+            z_hat_q,
+            m=self.model.M,
+            y=y,
+            encoder=encoder,
+            decoder=decoder,
+        )
+        return out.y_hat_q, out.symbols, out.indices
 
     def compress(
         self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]

@@ -193,6 +193,24 @@ class LatentCoding:
 
     num_streams = 2
 
+    @staticmethod
+    def _code_y(tables, indices, y=None, encoder=None, decoder=None):
+        """h_s on the codebook entries and the context model on the device, range coding on
+        the host → (ŷ_q, symbols, table indices)."""
+        z_q = vq_lib.dequantize_indices(tables["z"], indices)
+        m = int(sum(int(g) for g in tables["context"]["groups"]))
+        out = context_lib.code_y(
+            tables["h_s"],
+            tables["context"],
+            tables["y"],
+            z_q,
+            m=m,
+            y=y,
+            encoder=encoder,
+            decoder=decoder,
+        )
+        return out.y_hat_q, out.symbols, out.indices
+
     def encode(
         self, tables, y: np.ndarray, indices: np.ndarray
     ) -> tuple[list[bytes], np.ndarray, dict]:
@@ -200,11 +218,8 @@ class LatentCoding:
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
         enc_z = coder.new_encoder()
         vq_lib.encode_indices(enc_z, tables["z"], indices)
-        hyper_q = fixedpoint.run(tables["h_s"], vq_lib.dequantize_indices(tables["z"], indices))
         enc_y = coder.new_encoder()
-        y_hat_q, y_sym, idx = context_lib.code(
-            tables["context"], tables["y"], hyper_q, y=np.asarray(y, np.float64), encoder=enc_y
-        )
+        y_hat_q, y_sym, idx = self._code_y(tables, indices, y=y, encoder=enc_y)
         info = {
             "y_symbols": y_sym,
             "y_idx": idx,
@@ -219,10 +234,7 @@ class LatentCoding:
         """Streams → (ŷ float32 [4·zh, 4·zw, M], info)."""
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
         indices = vq_lib.decode_indices(coder.new_decoder(streams[0]), tables["z"], z_hw)
-        hyper_q = fixedpoint.run(tables["h_s"], vq_lib.dequantize_indices(tables["z"], indices))
-        y_hat_q, y_sym, idx = context_lib.code(
-            tables["context"], tables["y"], hyper_q, decoder=coder.new_decoder(streams[1])
-        )
+        y_hat_q, y_sym, idx = self._code_y(tables, indices, decoder=coder.new_decoder(streams[1]))
         info = {
             "y_symbols": y_sym,
             "y_idx": idx,
