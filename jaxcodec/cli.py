@@ -196,6 +196,20 @@ def _import_weights(args) -> int:
     return 0
 
 
+def _shardings_args(p: argparse.ArgumentParser) -> None:
+    from jaxcodec.sharding import add_report_arguments
+
+    add_report_arguments(p)
+
+
+@subcommand("shardings", _shardings_args)
+def _shardings(args) -> int:
+    """Every parameter's logical axes, mesh partitioning and bytes per device (from shapes)."""
+    from jaxcodec.sharding import print_report
+
+    return print_report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxcodec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

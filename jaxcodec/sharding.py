@@ -355,7 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="jaxcodec shardings", description="Sharding and bytes per device of every parameter"
     )
     add_report_arguments(p)
-    args = p.parse_args(argv)
+    return print_report(p.parse_args(argv))
+
+
+def print_report(args) -> int:
     if args.devices:  # fake CPU devices: only before JAX has started a backend
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.devices)

@@ -274,7 +274,12 @@ def test_flops_count_loop_trips_and_known_peaks():
 
 
 def test_shardings_report_prints_every_parameter(capsys):
-    shd.main(["--config", "configs/hfd.py:tiny", "--mesh", "1,8,1", "--top", "0"])
+    from jaxcodec import cli
+
+    assert (
+        cli.main(["shardings", "--config", "configs/hfd.py:tiny", "--mesh", "1,8,1", "--top", "0"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "g_a/Conv_0/kernel" in out and "(None, None, None, fsdp)" in out
     assert "optimiser state" in out and "per device" in out

@@ -7,8 +7,9 @@ non-anchors (plus a spatial context from group k's decoded anchors). Small early
 later groups a cheap, informative context.
 
 Training (`SpaceChannelContext.__call__`) runs both passes in parallel per group; coding
-(`code`) repeats them on the host with the fixed-point copies of the same networks
-(`export`), so the entropy parameters are bit-identical on every machine.
+(`code_y`) repeats them pass by pass with integer copies of the same networks (`export`,
+`jaxcodec.entropy.fixedpoint`) in jitted functions on the device, so the entropy parameters
+are bit-identical on every machine; the host only range-codes each pass's symbols.
 
 Two recipes (`RECIPES`) fix the layers and wiring:
 - `"elic"` (HFD's default): small 3×3 channel-context nets, one parameter net per group shared

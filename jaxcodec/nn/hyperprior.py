@@ -212,9 +212,10 @@ class HyperpriorCoding(BitstreamCoder):
     """Compress / decompress of a trained MeanScaleHyperprior with its integer tables.
 
     Float transforms (g_a, h_a, g_s) run in JAX; everything that feeds the coder (z symbols or
-    VQ indices, h_s, scale indices, means) is integer or fixed point on the host. The encoder
-    decodes its own z (z_hat) and runs the same fixed-point h_s as the decoder. g_s runs in
-    tiles of `tile` latent pixels, so decoding memory follows the tile.
+    VQ indices, h_s, scale indices, means) is integer: h_s and the context model run as
+    integer networks on the device (`jaxcodec.entropy.fixedpoint`), the host range-codes. The
+    encoder decodes its own z (z_hat) and runs the same integer h_s as the decoder. g_s runs
+    in tiles of `tile` latent pixels, so decoding memory follows the tile.
     """
 
     stride = STRIDE
@@ -284,7 +285,7 @@ class HyperpriorCoding(BitstreamCoder):
             "y_symbols": y_sym,
             "y_idx": idx,
             "z_symbols": z_sym,
-            "entropy_s": time.perf_counter() - t0,  # host side: coding + fixed-point nets
+            "entropy_s": time.perf_counter() - t0,  # range coding + integer entropy-parameter nets
             "coding_s": _coding_seconds(tables) - c0,  # range coding only
         }
         return streams, info

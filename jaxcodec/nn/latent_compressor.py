@@ -14,7 +14,8 @@ one ``…WithStride`` in g_a and two in h_a, ``…Upsample`` blocks in h_s and g
 jaxcodec's online-clustered VQ (``vq_stats``, see :mod:`jaxcodec.entropy.vq`), not a parameter.
 
 Host side (:class:`LatentCoding`): VQ indices at a fixed ⌈log2 K⌉ bits, then y coded with
-integer tables; h_s and the context networks run in fixed point (bit-exact on every machine).
+integer tables; h_s and the context networks run as integer networks on the device (bit-exact
+on every machine).
 """
 
 from __future__ import annotations
