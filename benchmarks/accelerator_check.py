@@ -15,9 +15,8 @@ method's own BitstreamCoder: a real bitstream of a photo of the given size is de
 
 train-mfu: a few steps of the real train loop (`jaxcodec.train.train_and_evaluate`, the config
 with scikit-image photos as data, `--batch-per-device` crops per device, no evaluation) timed
-step by step; MFU and TFLOP/s per device from the loop's summary.json (`throughput`) when the
-loop reports them, else from XLA's cost analysis of the loss gradient at the same global batch
-(divided over the devices; the optimiser update is left out) and the median step time.
+step by step; MFU and TFLOP/s per device as the loop reports them (XLA's cost analysis of the
+compiled step, the peak of the device kind from `jaxcodec.throughput`).
 """
 
 from __future__ import annotations
@@ -35,37 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Dense bf16 peak TFLOP/s per device, for when jaxcodec.throughput (the train loop's) is absent.
-PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-    "A100": 312.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H200": 989.0,
-    "L4": 121.0,
-}
-
 
 def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
-
-
-def _peak(device_kind: str) -> float | None:
-    try:
-        from jaxcodec.throughput import peak_tflops
-
-        return peak_tflops(device_kind)
-    except ImportError:
-        for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-            if key.lower() in device_kind.lower():
-                return PEAK_TFLOPS[key]
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,40 +211,6 @@ def _train_config(args):
     return config
 
 
-def _gradient_flops(config) -> float | None:
-    """XLA's FLOPs of value_and_grad(loss) at the global batch, compiled for one device from
-    shapes only (nothing is allocated)."""
-    import flax.linen as nn
-    import jax
-
-    from jaxcodec.codec import load_frozen
-    from jaxcodec.methods import get_method
-
-    method = get_method(config)
-    key = jax.random.key(0)
-    batch = method.dummy_batch(int(config.batch_size))
-    variables = dict(nn.unbox(jax.eval_shape(method.init, key, batch)))
-    params = variables.pop("params")
-    frozen = method.abstract_frozen()
-    if frozen is None:
-        frozen, _ = load_frozen(method, {}, "")
-    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nn.unbox(frozen))
-    as_shapes = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)  # noqa: E731
-
-    def grad(p, f, s, b, k):
-        return jax.value_and_grad(lambda q: method.loss(q, f, s, b, k)[0])(p)
-
-    compiled = (
-        jax.jit(grad)
-        .lower(as_shapes(params), frozen, as_shapes(variables), as_shapes(batch), key)
-        .compile()
-    )
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float((cost or {}).get("flops", 0.0))
-    return flops or None
-
-
 def train_mfu(args) -> None:
     import jax
 
@@ -305,27 +242,13 @@ def train_mfu(args) -> None:
         "examples_per_sec": config.batch_size / step_s if step_s else None,
         "wall_s": wall,
     }
-    loop = summary.get("throughput") or {}
-    if loop.get("mfu") is not None or loop.get("tflops_per_device") is not None:
-        out |= {
-            "source": "summary.json",
-            "mfu": loop.get("mfu"),
-            "tflops_per_device": loop.get("tflops_per_device"),
-            "loop_examples_per_sec": loop.get("examples_per_sec"),
-            "peak_tflops_per_device": loop.get("peak_tflops_per_device"),
-        }
-    else:
-        flops = _gradient_flops(config)
-        per_device = flops / n if flops else None
-        peak = _peak(kind)
-        tflops = per_device / step_s / 1e12 if per_device and step_s else None
-        out |= {
-            "source": "xla cost analysis of value_and_grad(loss)",
-            "flops_per_step_per_device": per_device,
-            "tflops_per_device": tflops,
-            "peak_tflops_per_device": peak,
-            "mfu": tflops / peak if tflops and peak else None,
-        }
+    loop = summary.get("throughput") or {}  # XLA's cost analysis of the compiled step
+    out |= {
+        "mfu": loop.get("mfu"),
+        "tflops_per_device": loop.get("tflops_per_device"),
+        "loop_examples_per_sec": loop.get("examples_per_sec"),
+        "peak_tflops_per_device": loop.get("peak_tflops_per_device"),
+    }
     _emit(out)
 
 

@@ -6,7 +6,10 @@ attention core (softmax(QKᵀ)V, timed alone at every shape the model uses, time
 and ends with one JSON line of headline figures.
 
     .venv/bin/python benchmarks/unet_speed.py [--repeats 3] [--impl auto] [--compare-xla]
-        [--device cpu|cuda|auto]
+        [--device cpu|cuda|auto] [--single-thread] [--profile]
+
+``--profile`` adds where the time goes: every convolution, group norm and dense layer of the
+forward (recorded from the model's own calls) timed alone in both frameworks.
 
 JAX runs on its default backend; ``--device`` puts PyTorch on the same GPU (``auto``: when
 PyTorch sees one; both then use TF32 for float32 matmuls and convolutions, JAX's GPU default).
@@ -32,6 +35,7 @@ if "--single-thread" in sys.argv:  # must precede JAX's backend initialisation
         + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     )
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +104,80 @@ def _attention_times(shapes_counts, repeats, impl):
     return jax_total, torch_total, rows
 
 
+def layer_calls(model: nn.Module, *args, method=None) -> dict[tuple, list]:
+    """Every Conv, GroupNorm and Dense call of one forward, traced from shapes only:
+    {(kind, input shape, settings): [count, the module unbound]}."""
+    calls: dict[tuple, list] = {}
+
+    def record(next_fun, a, kw, context):
+        m = context.module
+        if context.method_name == "__call__" and isinstance(m, nn.Conv | nn.GroupNorm | nn.Dense):
+            shape = tuple(a[0].shape)
+            if isinstance(m, nn.Conv):
+                key = ("conv", shape, (tuple(m.kernel_size), m.strides, m.features, m.padding))
+            elif isinstance(m, nn.GroupNorm):
+                key = ("group_norm", shape, (m.num_groups,))
+            else:
+                key = ("dense", shape, (m.features,))
+            calls.setdefault(key, [0, m.clone(parent=None)])[0] += 1
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p, *a: model.apply(p, *a, method=method), *args)
+    return calls
+
+
+def _torch_layer(kind: str, shape: tuple, settings: tuple):
+    """The PyTorch counterpart of one recorded call (NCHW for images) and its input."""
+    if kind == "conv":
+        (kh, kw), strides, features, padding = settings
+        stride = 1 if strides in (None, 1) else strides[0]
+        pad = kh // 2 if padding == "SAME" or stride == 1 else padding[0][0]
+        layer = torch.nn.Conv2d(shape[-1], features, (kh, kw), stride, pad)
+        x = torch.randn(shape[0], shape[-1], *shape[1:-1])
+    elif kind == "group_norm":
+        layer = torch.nn.GroupNorm(settings[0], shape[-1])
+        x = torch.randn(shape[0], shape[-1], *shape[1:-1])
+    else:
+        layer = torch.nn.Linear(shape[-1], settings[0])
+        x = torch.randn(*shape)
+    return layer.to(DEVICE), x.to(DEVICE)
+
+
+def component_profile(model, variables, inputs, repeats: int, method=None) -> dict:
+    """Seconds per forward in convolutions, group norms and dense layers, each call timed alone
+    at its own shape in both frameworks (jitted in JAX), times its count: where the time goes
+    beside the attention core. Fusion with neighbouring element-wise ops is not counted."""
+    calls = layer_calls(model, variables, *inputs, method=method)
+    totals: dict[str, list[float]] = {}
+    rng = np.random.default_rng(0)
+    for (kind, shape, settings), (count, mod) in calls.items():
+        layer, xt = _torch_layer(kind, shape, settings)
+        with torch.no_grad():
+            layer(xt)
+            tt = min(_time(lambda: _sync(layer(xt)), repeats))  # noqa: B023
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        p = nn.unbox(mod.init(jax.random.key(0), x))
+        f = jax.jit(mod.apply)
+        jax.block_until_ready(f(p, x))
+        tj = min(_time(_jax_timer(f, p, x), repeats))
+        row = totals.setdefault(kind, [0.0, 0.0, 0])
+        row[0] += count * tj
+        row[1] += count * tt
+        row[2] += count
+    return {k: {"jax_s": v[0], "torch_s": v[1], "calls": v[2]} for k, v in totals.items()}
+
+
+def _print_profile(prof: dict, results: dict, prefix: str) -> None:
+    for kind, r in prof.items():
+        print(
+            f"  {kind:<11} x{r['calls']:>3}: jaxcodec {r['jax_s']:.3f}s  PyTorch "
+            f"{r['torch_s']:.3f}s  ratio {r['jax_s'] / r['torch_s']:.2f}x"
+        )
+        results[f"{prefix}_{kind}_jax_s"] = round(r["jax_s"], 4)
+        results[f"{prefix}_{kind}_torch_s"] = round(r["torch_s"], 4)
+
+
 def unet_attention_shapes(config: UNetConfig, h: int, w: int, context_len: int):
     """((q tokens, k tokens, heads, head dim), count) for every attention call of one forward."""
     shapes: dict = {}
@@ -131,6 +209,11 @@ def main():
     parser.add_argument("--compare-xla", action="store_true", help="also time impl='xla'")
     parser.add_argument("--skip-vae", action="store_true")
     parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time every convolution, group norm and dense layer alone (minutes)",
+    )
     parser.add_argument(
         "--single-thread",
         action="store_true",
@@ -222,6 +305,10 @@ def main():
             unet_attention_share_jax=round(att_jax / t_jax, 3),
             unet_attention_share_torch=round(att_torch / t_torch, 3),
         )
+        if args.profile:
+            model = UNet(config)
+            prof = component_profile(model, {"params": params}, (xj, tj, cj), args.repeats)
+            _print_profile(prof, results, "unet")
         if args.compare_xla and args.impl != "xla":
             xla_times, _, _ = run_jax("xla")
             att_xla, _, _ = _attention_times(
@@ -271,6 +358,11 @@ def main():
             f"  attention core: jaxcodec {100 * vatt_jax / vj:.0f}%, "
             f"PyTorch {100 * vatt_torch / vt:.0f}%"
         )
+        if args.profile:
+            prof = component_profile(
+                vae, {"params": vparams}, (zj,), args.repeats, method=AutoencoderKL.decode
+            )
+            _print_profile(prof, results, "vae_decoder")
         results.update(
             vae_decoder_torch_s=round(vt, 4),
             vae_decoder_jax_s=round(vj, 4),
