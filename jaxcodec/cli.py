@@ -27,6 +27,26 @@ def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], Non
     return wrap
 
 
+def enable_compilation_cache() -> str | None:
+    """Keeps XLA's compiled decoders on disk between calls (one compilation per model and
+    image size, not per call): `JAXCODEC_COMPILATION_CACHE` names the folder (default
+    ~/.cache/jaxcodec/xla), `0` or an empty value turns it off; JAX's own
+    `JAX_COMPILATION_CACHE_DIR`, when set, wins."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    path = os.environ.get(
+        "JAXCODEC_COMPILATION_CACHE", os.path.join("~", ".cache", "jaxcodec", "xla")
+    )
+    if path in ("", "0"):
+        return None
+    import jax
+
+    path = os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Calls write(tmp_path) in the destination folder, then renames over `path`."""
     path = Path(path)
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxcodec.entropy.container import BitstreamError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    enable_compilation_cache()
     if argv[:1] == ["evaluate"]:  # its own parser owns every argument after the name
         from jaxcodec.evaluate import main as evaluate_main
 

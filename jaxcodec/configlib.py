@@ -108,9 +108,10 @@ def base_config(method: str, variant: str, stage: int = 1) -> ml_collections.Con
     #   norm        group/layer-norm scales and biases → replicated
     #   entropy_channels  per-channel factorized densities → replicated (tiny)
     #   height, width, length  spatial / token activation axes → not split
-    # A dimension the mapped mesh axes do not divide stays whole; an array of at least
-    # `fsdp_min_bytes` left without an fsdp axis is split over fsdp along its largest divisible
-    # dimension (big_vision's size-gated fsdp; -1 disables it).
+    # A dimension the mapped mesh axes do not divide stays whole; an array the rules split over
+    # fsdp but whose fsdp dimension fsdp does not divide, and any array of at least
+    # `fsdp_min_bytes` left without an fsdp axis, are split over fsdp along their largest
+    # divisible dimension (big_vision's size-gated fsdp; -1 disables the size gate).
     c.mesh = ml_collections.ConfigDict(
         dict(
             shape=(-1, 1, 1),

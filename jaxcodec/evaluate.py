@@ -404,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxcodec.cli import enable_compilation_cache
+
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     suite = MetricSuite(metric_names, inception=args.inception)
     images = load_images(args.data, args.preprocess, args.limit)

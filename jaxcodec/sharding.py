@@ -106,25 +106,24 @@ def leaf_spec(
     fsdp_min_bytes: int | None = DEFAULT_FSDP_MIN_BYTES,
 ) -> PartitionSpec:
     """The mesh partitioning of one array: its logical `names` through `rules`, dimensions the
-    mapped mesh axes do not divide left whole, then (arrays of at least `fsdp_min_bytes` that
-    use no fsdp axis) the largest dimension fsdp divides split over fsdp."""
+    mapped mesh axes do not divide left whole; an array the rules split over fsdp whose fsdp
+    dimension fsdp does not divide (a conv with 213 output channels on 8 devices) is split on
+    another dimension instead, and arrays of at least `fsdp_min_bytes` that use no fsdp axis
+    are split too: in both cases over the largest dimension fsdp divides."""
     shape = tuple(int(s) for s in shape)
     if names is None:
         spec = [None] * len(shape)
     else:
         spec = list(nn.logical_to_mesh_axes(tuple(names), [tuple(r) for r in rules]))
+    wants_fsdp = _uses(spec, FSDP_AXIS)
     spec = [
         e if e is not None and s % _axes_size(mesh, e) == 0 else None
         for e, s in zip(spec, shape, strict=True)
     ]
     n = mesh.shape.get(FSDP_AXIS, 1)
     size = int(np.prod(shape)) * itemsize
-    if (
-        fsdp_min_bytes is not None
-        and n > 1
-        and size >= fsdp_min_bytes
-        and not _uses(spec, FSDP_AXIS)
-    ):
+    big = fsdp_min_bytes is not None and size >= fsdp_min_bytes
+    if n > 1 and (wants_fsdp or big) and not _uses(spec, FSDP_AXIS):
         free = [
             i for i, (e, s) in enumerate(zip(spec, shape, strict=True)) if e is None and s % n == 0
         ]

@@ -175,3 +175,22 @@ def load_codec_with_options(codec, options):
     from jaxcodec.codec import MethodCodec
 
     return MethodCodec(codec.method, codec.variables, codec.tables, name="x", options=options)
+
+
+def test_the_cli_keeps_compiled_decoders_on_disk(tmp_path, monkeypatch):
+    import jax
+
+    from jaxcodec.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    try:
+        monkeypatch.setenv("JAXCODEC_COMPILATION_CACHE", str(tmp_path / "xla"))
+        assert enable_compilation_cache() == str(tmp_path / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        monkeypatch.setenv("JAXCODEC_COMPILATION_CACHE", "0")
+        jax.config.update("jax_compilation_cache_dir", before)
+        assert enable_compilation_cache() is None
+        assert jax.config.jax_compilation_cache_dir == before
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

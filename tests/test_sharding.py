@@ -67,11 +67,15 @@ def test_rules_shard_unet_like_maxdiffusion():
     assert rows[f"{attn}/to_q/kernel"].spec == P("fsdp", "tensor")
     assert rows[f"{attn}/to_out_0/kernel"].spec == P("tensor", "fsdp")
     assert rows["conv_norm_out/scale"].spec == P()
-    # conv_out: 32 → 4 channels; 4 % 4 == 0 splits, but 4 channels over 8 would not.
+    # conv_out: 32 → 4 channels; 4 % 4 == 0 splits the output channels, but 4 channels over 8
+    # would not: the input channels (32) are split instead; a kernel nothing divides stays whole.
     assert rows["conv_out/kernel"].spec == P(None, None, None, "fsdp")
-    eight = _placements(unet_param_shapes(config), shd.create_mesh((1, 8, 1)))
-    assert eight["conv_out/kernel"].spec == P()
-    assert eight["conv_out/kernel"].bytes_per_device == eight["conv_out/kernel"].bytes
+    eight_mesh = shd.create_mesh((1, 8, 1))
+    eight = _placements(unet_param_shapes(config), eight_mesh)
+    assert eight["conv_out/kernel"].spec == P(None, None, "fsdp")
+    assert eight["conv_out/kernel"].bytes_per_device * 8 == eight["conv_out/kernel"].bytes
+    odd = shd.leaf_spec((3, 3, 6, 4), 4, (None, None, "conv_in", "conv_out"), eight_mesh, RULES)
+    assert odd == P()
     # The size-gated fallback: an unnamed 8 MiB array splits its largest divisible dimension.
     big = {"table": jax.ShapeDtypeStruct((6, 4096, 85), jnp.float32)}
     assert _placements(big, mesh)["table"].spec == P(None, "fsdp")
