@@ -14,8 +14,9 @@ forward (recorded from the model's own calls) timed alone in both frameworks.
 JAX runs on its default backend; ``--device`` puts PyTorch on the same GPU (``auto``: when
 PyTorch sees one; both then use TF32 for float32 matmuls and convolutions, JAX's GPU default).
 
-Both frameworks use every core, or one thread each with ``--single-thread`` (steadier when other
-jobs share the machine; the load average is printed with the numbers). Needs about 10 GB of RAM.
+Both frameworks use every core, or, with ``--single-thread``, the process is pinned to one core
+(steadier when other jobs share the machine; the load average is printed with the numbers).
+Needs about 10 GB of RAM.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ import statistics
 import sys
 import time
 
-if "--single-thread" in sys.argv:  # must precede JAX's backend initialisation
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
+if "--single-thread" in sys.argv:  # before JAX and PyTorch start their thread pools
+    # XLA:CPU's flags do not bound its threads (its matmuls and convolutions still use every
+    # core), so the whole process is pinned to one core: both frameworks then run on it alone.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 import flax.linen as nn
 import jax
@@ -217,7 +217,7 @@ def main():
     parser.add_argument(
         "--single-thread",
         action="store_true",
-        help="one thread each (steadier ratios when other jobs share the cores)",
+        help="pin the process to one core (steadier ratios when other jobs share the machine)",
     )
     parser.add_argument("--device", default="cpu", help="PyTorch's device: cpu, cuda or auto")
     args = parser.parse_args()
