@@ -19,6 +19,15 @@ from jaxcodec.nn.transforms import AnalysisTransform, SynthesisTransform
 from jaxcodec.nn.unet import UNet, UNetConfig, unet_param_shapes
 
 RULES = shd.rules_of(base_config("x", "tiny"))
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    cross_attention_dim=16,
+    norm_num_groups=8,
+)
 
 
 def _placements(tree, mesh, **kw):
@@ -52,15 +61,7 @@ def test_rules_shard_unet_like_maxdiffusion():
     norms replicate; a dimension fsdp does not divide stays whole; big unnamed arrays fall back
     to fsdp on their largest divisible dimension."""
     mesh = shd.create_mesh((1, 4, 2))
-    config = UNetConfig(
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    )
+    config = UNetConfig(**TINY_UNET)
     rows = _placements(unet_param_shapes(config), mesh)
     assert rows["down_blocks_0/resnets_0/conv1/kernel"].spec == P(None, None, None, "fsdp")
     attn = "down_blocks_0/attentions_0/transformer_blocks_0/attn1"
@@ -228,10 +229,8 @@ def test_gradient_accumulation_equals_the_whole_batch():
 
 def test_remat_policies_keep_values_and_bf16_keeps_fp32_master_weights():
     kw = dict(
+        TINY_UNET,
         block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
         attention_head_dim=(2, 2),
         cross_attention_dim=8,
         norm_num_groups=4,
