@@ -188,3 +188,25 @@ def test_weights_that_do_not_fit_the_grid_are_refused():
         fixedpoint.conv_layer(np.zeros((1, 1, 1, 1)), np.full(1, 1e9), 1)
     with pytest.raises(fixedpoint.FixedPointOverflow, match="non-finite"):
         fixedpoint.conv_layer(np.full((1, 1, 1, 1), np.nan), np.zeros(1), 1)
+
+
+def test_networks_stored_by_format_2_bundles_are_requantised_on_load():
+    """Bundles written before the integer networks hold int32 kernels on 2^-14 and biases on
+    2^-26: they load, as the int8 layer of the same weights."""
+    rng = np.random.default_rng(4)
+    kernel, bias = rng.normal(size=(3, 3, 5, 7)) * 0.2, rng.normal(size=7) * 0.1
+    legacy = {
+        "kind": np.array(fixedpoint.KIND_CODES["conv"], np.int32),
+        "stride": np.array(2, np.int32),
+        "kernel": fixedpoint.to_fixed(kernel, 14).astype(np.int32),
+        "bias": fixedpoint.to_fixed(bias, 26),
+    }
+    (spec,), (arrays,) = fixedpoint.prepare({"000": legacy})
+    want = fixedpoint.conv_layer(legacy["kernel"] / 2.0**14, legacy["bias"] / 2.0**26, 2)
+    assert spec == ("conv", 2)
+    for key in ("kernel", "mult", "rshift", "bias"):
+        np.testing.assert_array_equal(arrays[key], want[key])
+    x_q = fixedpoint.to_fixed(rng.normal(size=(6, 5, 5)))
+    np.testing.assert_array_equal(
+        fixedpoint.run({"000": legacy}, x_q), fixedpoint.run({"000": want}, x_q)
+    )
