@@ -215,18 +215,12 @@ def test_latent_coding_round_trip():
 def test_rdeic_adapter_starts_as_the_plain_unet():
     """Zero convs at init: ControlledUNet in RDEIC's wiring equals the frozen UNet;
     the control branch has its own time embedding and never reads the base."""
+    from tiny_unet import TINY_UNET
+
     from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
     from jaxcodec.nn.unet import UNet, UNetConfig
 
-    unet_config = UNetConfig(
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        attention_head_dim=(2, 4),
-        cross_attention_dim=16,
-        norm_num_groups=8,
-    )
+    unet_config = UNetConfig(**TINY_UNET)
     adapter = ControlAdapterConfig.rdeic(size_ratio=0.25, head_channels=4, hint_channels=6)
     model = ControlledUNet(unet_config, adapter)
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))

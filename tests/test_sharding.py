@@ -7,27 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from tiny_unet import TINY_UNET
 
 from jaxcodec import sharding as shd
 from jaxcodec import throughput as tput
 from jaxcodec import train
 from jaxcodec.configlib import base_config, load_config
 from jaxcodec.methods import Method, get_method, register
-from jaxcodec.methods.base import to_float
+from jaxcodec.methods.base import to_float, to_uint8
 from jaxcodec.nn import layers
 from jaxcodec.nn.transforms import AnalysisTransform, SynthesisTransform
 from jaxcodec.nn.unet import UNet, UNetConfig, unet_param_shapes
 
 RULES = shd.rules_of(base_config("x", "tiny"))
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    attention_head_dim=(2, 4),
-    cross_attention_dim=16,
-    norm_num_groups=8,
-)
 
 
 def _placements(tree, mesh, **kw):
@@ -188,7 +180,11 @@ class _Autoencoder(Method):
         return mse, {"mse": mse, "loss": mse}, state
 
     def evaluate(self, variables, images, valid_hw, rng):
-        raise NotImplementedError
+        x = to_float(images)
+        recon = self.model.apply({"params": variables.params}, x)
+        h, w = valid_hw
+        mse = jnp.mean(jnp.square(recon - x)[:, :h, :w], axis=(1, 2, 3))
+        return {"mse": mse}, to_uint8(recon[:, :h, :w])
 
 
 def test_gradient_accumulation_equals_the_whole_batch():
