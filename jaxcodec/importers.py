@@ -1,0 +1,226 @@
+"""`jaxcodec import-weights --format F SOURCE OUTPUT`: public checkpoints → jaxcodec files.
+
+The converters in :mod:`jaxcodec.weights` only map foreign state dicts to parameters; this
+command layer builds what a user runs: a VQGAN weights file (``vqgan``) or a codec bundle with
+its integer entropy tables (``rdeic``, ``diffo``). Every importer returns a report that names
+every key of the checkpoints it left out, with the reason (by count where there are hundreds).
+
+- ``vqgan``: taming's VQGAN (DiffO's GT latent space) → a file for ``model.vqgan_path``.
+- ``rdeic``: an official RDEIC checkpoint (or a bare ``Compression`` / ``NoiseEstimator`` state
+  dict: the other module starts fresh) + SD 2.1-base from ``--sd`` → a codec bundle; the
+  official run-time ``control_scale`` is ``--control-scale``.
+- ``diffo``: DiffO's Swin-UNet (``ema_model_*.pth``) + base-code autoencoder (``--base
+  vq_model_*.pth.tar``) + an imported VQGAN (``--vqgan``) → a codec bundle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+# Skipped keys are listed by name up to this many per reason, else counted.
+LIST_LIMIT = 40
+
+
+def describe_skipped(skipped: Mapping[str, list[str]], limit: int = LIST_LIMIT) -> list[str]:
+    """One line per reason: the keys by name, or their count when there are more than
+    ``limit``."""
+    lines = []
+    for reason, keys in skipped.items():
+        if len(keys) <= limit:
+            lines.append(f"skipped {len(keys)} ({reason}): {', '.join(keys)}")
+        else:
+            lines.append(f"skipped {len(keys)} keys ({reason}), e.g. {keys[0]}")
+    return lines
+
+
+def _fresh_variables(method, seed: int) -> dict:
+    """The method's initial variables on the host (jitted: frozen parts built inside `init`
+    are dead code and never materialise)."""
+    import flax.linen as nn
+    import jax
+
+    variables = jax.jit(method.init)(jax.random.key(seed), method.dummy_batch(1))
+    return jax.tree.map(np.asarray, nn.unbox(variables))
+
+
+def _save_bundle(method, config, params, state, output) -> None:
+    from jaxcodec.checkpoint import save_bundle
+    from jaxcodec.codec import build_bundle, load_frozen
+
+    _, identity = load_frozen(method, {}, "import-weights")
+    save_bundle(output, build_bundle(method, config, params, state, {}, identity, step=0))
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def import_vqgan(source, output, config_spec: str | None = None) -> str:
+    """taming's VQGAN → jaxcodec VQGAN file; the architecture is the config's ``model.vqgan``
+    (default `configs/diffo.py:full`: taming's f16, 16384 codes)."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.nn.vae import VAEConfig
+    from jaxcodec.weights import taming
+
+    config = load_config(config_spec or "configs/diffo.py:full")
+    vqgan = VAEConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.vqgan.items()}
+    )
+    info = taming.import_vqgan(source, output, vqgan)
+    lines = [
+        f"VQGAN with {info['parameters']:,} parameters and codebook {info['codebook']}; "
+        "use it with --config.model.vqgan_path",
+        *describe_skipped(info["skipped"]),
+    ]
+    return "\n".join(lines)
+
+
+def import_rdeic(
+    source,
+    output,
+    config_spec: str | None = None,
+    *,
+    sd: str | None = None,
+    control_scale: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """An official RDEIC checkpoint → a codec bundle (default config
+    `configs/rdeic.py:full,stage=2`: the released models are fine-tuned). A module the
+    checkpoint lacks starts from the method's initialisation (``seed``); the adapter's zero
+    convolutions then make the controlled UNet the plain SD UNet."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import get_method
+    from jaxcodec.weights import rdeic
+
+    config = load_config(config_spec or "configs/rdeic.py:full,stage=2")
+    if sd:
+        config.model.sd_path = str(sd)
+    if not config.model.sd_path:
+        raise ValueError(
+            "import-weights --format rdeic needs --sd SD_FOLDER (SD 2.1-base, diffusers)"
+        )
+    method = get_method(config)
+    params, state, r = rdeic.from_official(
+        rdeic.read_checkpoint(source),
+        method.compressor_config,
+        method.unet_config,
+        method.adapter_config,
+        control_scale=control_scale,
+    )
+    if r["absent"]:
+        fresh = _fresh_variables(method, seed)
+        for module in r["absent"]:
+            params[module] = fresh["params"][module]
+        if "compressor" in r["absent"]:
+            state["vq_stats"] = fresh["vq_stats"]
+    _save_bundle(method, config, params, state, output)
+    parts = []
+    if "compressor" not in r["absent"]:
+        parts.append(
+            f"compressor {r['compressor_parameters']:,} parameters + codebook {r['codebook']}"
+        )
+    if "adapter" not in r["absent"]:
+        parts.append(f"adapter {r['adapter_parameters']:,} (control scales folded: {r['scales']})")
+    lines = [f"RDEIC codec bundle: {', '.join(parts)}"]
+    for module in r["absent"]:
+        held = "Compression" if module == "adapter" else "NoiseEstimator"
+        plain = ", so the controlled UNet is the plain SD UNet" if module == "adapter" else ""
+        lines.append(
+            f"{module}: not in the checkpoint (a bare {held} state dict): starts fresh "
+            f"(seed {seed}){plain}"
+        )
+    lines += describe_skipped(r["skipped"])
+    lines.append("use it with jaxcodec compress/decompress/evaluate --checkpoint")
+    return "\n".join(lines)
+
+
+def import_diffo(
+    source,
+    output,
+    config_spec: str | None = None,
+    *,
+    base: str | None = None,
+    vqgan: str | None = None,
+    seed: int = 0,
+) -> str:
+    """DiffO's Swin-UNet checkpoint (``source``) and base-code autoencoder (``base``) → a codec
+    bundle on the frozen VQGAN ``vqgan`` (a file of ``--format vqgan``; default: the config's
+    ``model.vqgan_path``). Default config `configs/diffo.py:full`; the Swin layers use the
+    ``resshift`` shift mask the official weights were trained with. Rate point 0 is the
+    official model; jaxcodec's further residual-VQ stages and its noise-level embedding
+    (zero) are not in the official model."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import get_method
+    from jaxcodec.weights import taming
+
+    config = load_config(config_spec or "configs/diffo.py:full")
+    if vqgan:
+        config.model.vqgan_path = str(vqgan)
+    if not base:
+        raise ValueError("import-weights --format diffo needs --base VQ_MODEL (vq_model_*.pth.tar)")
+    if not config.model.vqgan_path:
+        raise ValueError(
+            "import-weights --format diffo needs --vqgan VQGAN.safetensors "
+            "(taming's GT VQGAN imported with --format vqgan)"
+        )
+    lines = []
+    if config.model.unet.swin_shift_mask != "resshift":
+        lines.append(
+            f"swin_shift_mask: {config.model.unet.swin_shift_mask!r} → 'resshift' "
+            "(the mask the official weights were trained with)"
+        )
+        config.model.unet.swin_shift_mask = "resshift"
+    method = get_method(config)
+    fresh = _fresh_variables(method, seed)
+    c = method.unet_config
+    params, state, r = taming.diffo_params(
+        taming.read_checkpoint(source),
+        taming.read_checkpoint(base),
+        fresh["params"],
+        layers_per_block=c.layers_per_block,
+        num_levels=len(c.block_out_channels),
+    )
+    vq_stats = dict(fresh["vq_stats"])
+    vq_stats["rvq"] = {**vq_stats["rvq"], **state["vq_stats"]["rvq"]}
+    collections = {k: v for k, v in fresh.items() if k != "params"} | {"vq_stats": vq_stats}
+    _save_bundle(method, config, params, collections, output)
+    import jax
+
+    count = lambda tree: sum(int(np.size(a)) for a in jax.tree.leaves(tree))  # noqa: E731
+    lines.insert(
+        0,
+        f"DiffO codec bundle: Swin-UNet {count(params['denoiser']):,} parameters, base-code "
+        f"autoencoder {count(params['base']):,} + codebook "
+        f"{state['vq_stats']['rvq']['stage_0']['codebook'].shape} (rate point 0), "
+        f"VQGAN {config.model.vqgan_path}",
+    )
+    extra = sorted(set(vq_stats["rvq"]) - {"stage_0"})
+    if extra:
+        lines.append(f"not in the official model, kept at initialisation: rvq {', '.join(extra)}")
+    lines += describe_skipped(r["skipped"])
+    lines.append("use it with jaxcodec compress/decompress/evaluate --checkpoint")
+    return "\n".join(lines)
+
+
+FORMATS: dict[str, Callable[..., str]] = {
+    "vqgan": import_vqgan,
+    "rdeic": import_rdeic,
+    "diffo": import_diffo,
+}
+
+
+def run(fmt: str, source: str | os.PathLike, output, config_spec=None, **options: Any) -> str:
+    """The importer of format ``fmt``; options it does not take are refused by name."""
+    import inspect
+
+    convert = FORMATS[fmt]
+    accepted = inspect.signature(convert).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(k for k in given if k not in accepted)
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise ValueError(f"import-weights --format {fmt} does not take {flags}")
+    return convert(source, output, config_spec, **given)
