@@ -37,14 +37,22 @@ def describe_skipped(skipped: Mapping[str, list[str]], limit: int = LIST_LIMIT) 
     return lines
 
 
-def _fresh_variables(method, seed: int) -> dict:
-    """The method's initial variables on the host (jitted: frozen parts built inside `init`
-    are dead code and never materialise)."""
+def _fresh_variables(method, seed: int, select: Callable[[dict], Any]) -> Any:
+    """``select`` of the method's initial variables, on the host. Jitted, so only what
+    ``select`` keeps is computed (frozen parts built inside `init`, and the modules a
+    checkpoint provides, are dead code)."""
     import flax.linen as nn
     import jax
 
-    variables = jax.jit(method.init)(jax.random.key(seed), method.dummy_batch(1))
-    return jax.tree.map(np.asarray, nn.unbox(variables))
+    init = lambda key: select(nn.unbox(method.init(key, method.dummy_batch(1))))  # noqa: E731
+    return jax.tree.map(np.asarray, jax.jit(init)(jax.random.key(seed)))
+
+
+def _variable_shapes(method) -> dict:
+    import flax.linen as nn
+    import jax
+
+    return nn.unbox(jax.eval_shape(method.init, jax.random.key(0), method.dummy_batch(1)))
 
 
 def _save_bundle(method, config, params, state, output) -> None:
@@ -111,11 +119,15 @@ def import_rdeic(
         control_scale=control_scale,
     )
     if r["absent"]:
-        fresh = _fresh_variables(method, seed)
-        for module in r["absent"]:
-            params[module] = fresh["params"][module]
-        if "compressor" in r["absent"]:
-            state["vq_stats"] = fresh["vq_stats"]
+
+        def select(v):
+            fresh = {m: v["params"][m] for m in r["absent"]}
+            return fresh, v["vq_stats"] if "compressor" in r["absent"] else None
+
+        fresh, vq_stats = _fresh_variables(method, seed, select)
+        params.update(fresh)
+        if vq_stats is not None:
+            state["vq_stats"] = vq_stats
     _save_bundle(method, config, params, state, output)
     parts = []
     if "compressor" not in r["absent"]:
@@ -174,19 +186,19 @@ def import_diffo(
         )
         config.model.unet.swin_shift_mask = "resshift"
     method = get_method(config)
-    fresh = _fresh_variables(method, seed)
     c = method.unet_config
     params, state, r = taming.diffo_params(
         taming.read_checkpoint(source),
         taming.read_checkpoint(base),
-        fresh["params"],
+        _variable_shapes(method)["params"],
         layers_per_block=c.layers_per_block,
         num_levels=len(c.block_out_channels),
     )
+    # the residual-VQ stages the official model lacks keep their initialisation
+    fresh = _fresh_variables(method, seed, lambda v: {k: x for k, x in v.items() if k != "params"})
     vq_stats = dict(fresh["vq_stats"])
     vq_stats["rvq"] = {**vq_stats["rvq"], **state["vq_stats"]["rvq"]}
-    collections = {k: v for k, v in fresh.items() if k != "params"} | {"vq_stats": vq_stats}
-    _save_bundle(method, config, params, collections, output)
+    _save_bundle(method, config, params, {**fresh, "vq_stats": vq_stats}, output)
     import jax
 
     count = lambda tree: sum(int(np.size(a)) for a in jax.tree.leaves(tree))  # noqa: E731

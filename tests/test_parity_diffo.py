@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcodec import importers
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.nn import swin
 from jaxcodec.nn.resshift import ResShiftDenoiser
@@ -203,13 +202,14 @@ def test_swin_unet_matches_the_official(swin_unet, case):
     _close(out, ref[f"{case}.out"], f"{case}: output")
 
 
-def test_import_weights_diffo_builds_a_codec_of_the_official_modules(tmp_path, swin_unet):
-    """`import-weights --format vqgan` then `--format diffo`: the bundle's denoiser and base
-    autoencoder are the official ones (rate point 0), its report lists every skipped buffer."""
+def test_import_weights_diffo_builds_a_codec_of_the_official_modules(tmp_path, capsys, swin_unet):
+    """`import-weights --format vqgan` then `--format diffo`: the bundle holds the parameters
+    compared above (rate point 0, the official shift mask), and the report lists every
+    skipped buffer by name."""
+    from jaxcodec.checkpoint import load_bundle
     from jaxcodec.cli import main
-    from jaxcodec.codec import load_codec
 
-    model, params, skipped, _, ref = swin_unet
+    _, params, skipped, _, _ = swin_unet
     config = tmp_path / "diffo_small.py"
     config.write_text(
         "from jaxcodec.configlib import load_config\n\n\n"
@@ -222,25 +222,24 @@ def test_import_weights_diffo_builds_a_codec_of_the_official_modules(tmp_path, s
         "    c.data.crop_size = 32\n"
         "    return c\n"
     )
-    vqgan = tmp_path / "vqgan.safetensors"
-    src = DATA / "diffo_vqgan" / "weights.safetensors"
-    assert main(["import-weights", str(src), str(vqgan), "--format", "vqgan", "--config", str(config)]) == 0
-    out = tmp_path / "diffo.safetensors"
-    unet_src = DATA / "diffo_swin_unet" / "weights.safetensors"
-    base_src = DATA / "diffo_base" / "weights.safetensors"
-    argv = ["import-weights", str(unet_src), str(out), "--format", "diffo", "--config", str(config)]
-    assert main([*argv, "--base", str(base_src), "--vqgan", str(vqgan)]) == 0
-    codec = load_codec(out)
-    imported = codec.variables.params["denoiser"]
-    assert codec.method.unet_config.swin_shift_mask == "resshift"  # set by the importer
+    vqgan, out = tmp_path / "vqgan.safetensors", tmp_path / "diffo.safetensors"
+    src = {m: str(DATA / m / "weights.safetensors") for m in ("diffo_vqgan", "diffo_base")}
+    cfg = ["--config", str(config)]
+    assert main(["import-weights", src["diffo_vqgan"], str(vqgan), "--format", "vqgan", *cfg]) == 0
+    unet_src = str(DATA / "diffo_swin_unet" / "weights.safetensors")
+    argv = ["import-weights", unet_src, str(out), "--format", "diffo", *cfg]
+    assert main([*argv, "--base", src["diffo_base"], "--vqgan", str(vqgan)]) == 0
+    report = capsys.readouterr().out
+    assert "'full' → 'resshift'" in report and f"skipped {len(skipped)} (" in report
+    assert all(key in report for key in skipped)
+    bundle = load_bundle(out)
+    assert bundle.config.model.unet.swin_shift_mask == "resshift"
+    imported = bundle.params["denoiser"]
     jax.tree.map(np.testing.assert_array_equal, {k: imported[k] for k in params}, params)
     assert not any(np.any(a) for a in jax.tree.leaves(imported["noise_embedding"]))
-    # the method's own denoiser (noise-level embedding zero) gives the official output
-    case = "b"
-    x, t, lq = _f32(ref[f"{case}.x"]), jnp.asarray(ref[f"{case}.t"]), _f32(ref[f"{case}.lq"])
-    got = codec.method.model.apply(
-        {"params": codec.variables.params}, x, t, lq, 1.0, method="denoise"
-    )
-    _close(got, ref[f"{case}.out"], "bundle's denoiser")
-    # a wrong combination is refused by name
-    assert main([*argv, "--sd", str(tmp_path)]) == 2
+    base = taming.read_checkpoint(src["diffo_base"])
+    stage = bundle.state["vq_stats"]["rvq"]["stage_0"]
+    np.testing.assert_array_equal(stage["codebook"], base["quantize.embedding.weight"])
+    # an option of another format is refused by name, and no output is left behind
+    assert main([*argv[:2], str(tmp_path / "x"), *argv[3:], "--sd", str(tmp_path)]) == 2
+    assert "does not take --sd" in capsys.readouterr().err and not (tmp_path / "x").exists()

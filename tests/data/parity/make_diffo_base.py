@@ -14,9 +14,8 @@ batch 2, 12×20 latents.
 
 import sys
 
-import torch
-
 import official
+import torch
 
 DDCONFIG = dict(
     double_z=False,
@@ -32,7 +31,7 @@ DDCONFIG = dict(
     padding_mode="zeros",
 )
 ARGS = dict(ddconfig=DDCONFIG, n_embed=16, embed_dim=4)
-EMA = ("quantize.embedding.weight", "quantize.embedding.cluster_size", "quantize.embedding.embed_avg")
+EMA = tuple(f"quantize.embedding.{k}" for k in ("weight", "cluster_size", "embed_avg"))
 
 
 def main(root: str) -> None:

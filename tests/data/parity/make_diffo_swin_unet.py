@@ -13,9 +13,8 @@ Cases: (a) batch 2, 8×24, every block's output; (b) 32×32; (c) 64×64 (the pre
 
 import sys
 
-import torch
-
 import official
+import torch
 
 ARGS = dict(
     image_size=64,

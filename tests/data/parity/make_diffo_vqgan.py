@@ -13,9 +13,8 @@ compared, with the encoder's own output. Case (a): batch 2, 24×40.
 
 import sys
 
-import torch
-
 import official
+import torch
 
 DDCONFIG = dict(
     double_z=False,
