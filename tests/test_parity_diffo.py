@@ -7,25 +7,20 @@ the importers `jaxcodec import-weights` runs, and then through the imported code
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity_files import DATA, close, f32, reference
 
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.nn import swin
 from jaxcodec.nn.resshift import ResShiftDenoiser
 from jaxcodec.nn.unet import UNetConfig
 from jaxcodec.nn.vae import VAEConfig, VQModel
-from jaxcodec.weights import diffusers as dw
 from jaxcodec.weights import taming
-
-DATA = Path(__file__).parent / "data" / "parity"
-RTOL = 1e-5  # max |jax − official| / max |official|, float32 end to end
 
 # The small official modules in jaxcodec's configs (tests/data/parity/make_diffo_*.py).
 VQGAN = dict(  # taming VQModel: ch 32, ch_mult [1, 1], 1 resnet, attention at res 16, z 4
@@ -76,63 +71,45 @@ UNET = dict(  # UNetModelSwin: 32 channels × [1, 1], 1 resnet a level, Swin 32 
 )
 
 
-def _reference(module: str) -> tuple[dict, dict]:
-    folder = DATA / module
-    meta = json.loads((folder / "meta.json").read_text())
-    return meta, dw.read_safetensors(folder / "reference.safetensors")
-
-
-def _close(got, want, what: str, rtol: float = RTOL) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.abs(got - want).max() / np.abs(want).max())
-    assert err <= rtol, f"{what}: max relative error {err:.2e} > {rtol:.0e}"
-    return err
-
-
-def _f32(a) -> jax.Array:
-    return jnp.asarray(np.asarray(a, np.float32))
-
-
 def test_gt_vqgan_matches_the_official(tmp_path):
     """`import-weights --format vqgan` of taming's VQModel: encoder, encode, decode."""
-    meta, ref = _reference("diffo_vqgan")
+    meta, ref = reference("diffo_vqgan")
     assert meta["commit"] == "dd56f49"
     config = VAEConfig(**VQGAN)
     info = taming.import_vqgan(DATA / "diffo_vqgan" / "weights.safetensors", tmp_path / "v", config)
     assert info["codebook"] == (16, 4) and info["skipped"] == {}
     params = taming.load_vqgan(tmp_path / "v", config)
-    model, x = VQModel(config), _f32(ref["a.x"])
+    model, x = VQModel(config), f32(ref["a.x"])
     h = model.apply({"params": params}, x, method=lambda m, x: m.encoder(x)[1])
     z = model.apply({"params": params}, x, method="encode")
-    rec = model.apply({"params": params}, _f32(ref["a.z"]), method="decode")
+    rec = model.apply({"params": params}, f32(ref["a.z"]), method="decode")
     for got, name in ((h, "encoder"), (z, "z"), (rec, "decode")):
-        _close(got, ref[f"a.{name}"], name)
+        close(got, ref[f"a.{name}"], name)
 
 
 def test_base_autoencoder_matches_the_official():
     """The base-code EMAVQModelTorch: encode, nearest codes, decode of the codes."""
-    meta, ref = _reference("diffo_base")
+    meta, ref = reference("diffo_base")
     state = taming.read_checkpoint(DATA / "diffo_base" / "weights.safetensors")
     config = VAEConfig(**BASE)
     model = VQModel(config)
     template = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 4, 4))))
     params, stage = taming.base_autoencoder_params(state, template["params"])
     np.testing.assert_array_equal(stage["codebook"], state["quantize.embedding.weight"])
-    h = model.apply({"params": params}, _f32(ref["a.z0"]), method="encode")
-    _close(h, ref["a.h"], "encode")
+    h = model.apply({"params": params}, f32(ref["a.z0"]), method="encode")
+    close(h, ref["a.h"], "encode")
     rvq = vq_lib.ResidualVectorQuantizer(1, 16, 4)
-    out = rvq.apply({vq_lib.COLLECTION: {"stage_0": stage}}, _f32(ref["a.h"]), train=False)
+    out = rvq.apply({vq_lib.COLLECTION: {"stage_0": stage}}, f32(ref["a.h"]), train=False)
     np.testing.assert_array_equal(np.asarray(out.indices)[..., 0], ref["a.indices"])
-    z_q = vq_lib.residual_code(_f32(ref["a.h"]), out.codes, 1)
-    _close(z_q, ref["a.z_q"], "z_q")
-    _close(model.apply({"params": params}, z_q, method="decode"), ref["a.decode"], "decode")
+    z_q = vq_lib.residual_code(f32(ref["a.h"]), out.codes, 1)
+    close(z_q, ref["a.z_q"], "z_q")
+    close(model.apply({"params": params}, z_q, method="decode"), ref["a.decode"], "decode")
 
 
 @pytest.fixture(scope="module")
 def swin_unet():
     """(model, imported params, skipped keys, reference)."""
-    meta, ref = _reference("diffo_swin_unet")
+    meta, ref = reference("diffo_swin_unet")
     assert meta["args"]["image_size"] == 64 and meta["commit"] == "dd56f49"
     model = ResShiftDenoiser(UNetConfig(**UNET), lq_channels=4, noise_conditioning=False)
     x = jnp.zeros((1, 8, 8, 4))
@@ -163,7 +140,7 @@ def test_swin_unet_skips_only_the_recomputed_buffers(swin_unet):
 
 def _official_outputs(model, params, ref, case):
     """The denoiser's output and, by the official module's names, every block's output."""
-    args = (_f32(ref[f"{case}.x"]), jnp.asarray(ref[f"{case}.t"]), _f32(ref[f"{case}.lq"]))
+    args = (f32(ref[f"{case}.x"]), jnp.asarray(ref[f"{case}.t"]), f32(ref[f"{case}.lq"]))
     apply = jax.jit(functools.partial(model.apply, capture_intermediates=True))
     out, state = apply({"params": params}, *args)
     cap = state["intermediates"]["unet"]
@@ -198,8 +175,8 @@ def test_swin_unet_matches_the_official(swin_unet, case):
         stored = {k[2:] for k in ref if k.startswith("a.")} - {"x", "lq", "t", "out"}
         assert set(blocks) == stored
         for name, got in blocks.items():
-            _close(got, ref[f"a.{name}"], name)
-    _close(out, ref[f"{case}.out"], f"{case}: output")
+            close(got, ref[f"a.{name}"], name)
+    close(out, ref[f"{case}.out"], f"{case}: output")
 
 
 def test_import_weights_diffo_builds_a_codec_of_the_official_modules(tmp_path, capsys, swin_unet):

@@ -8,45 +8,22 @@ import-weights --format rdeic` runs, and a bare ``Compression`` through the comm
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity_files import DATA, close, f32, reference
 
 from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
 from jaxcodec.nn.latent_compressor import LatentCompressor, LatentCompressorConfig
 from jaxcodec.weights import diffusers as dw
 from jaxcodec.weights import rdeic
 
-DATA = Path(__file__).parent / "data" / "parity"
-RTOL = 1e-5  # max |jax − official| / max |official|
-
 # The small official modules in jaxcodec's configs (tests/data/parity/make_rdeic_*.py).
 COMPRESSOR = LatentCompressorConfig(
     in_channels=16, out_channels=4, N=16, M=16, groups=(16,), num_codes=32, res_blocks=(4, 3)
 )
 ADAPTER = ControlAdapterConfig.rdeic(size_ratio=0.25, head_channels=4, hint_channels=16)
-
-
-def _reference(module: str) -> tuple[dict, dict]:
-    folder = DATA / module
-    meta = json.loads((folder / "meta.json").read_text())
-    return meta, dw.read_safetensors(folder / "reference.safetensors")
-
-
-def _close(got, want, what: str, rtol: float = RTOL) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = float(np.abs(got - want).max() / np.abs(want).max())
-    assert err <= rtol, f"{what}: max relative error {err:.2e} > {rtol:.0e}"
-    return err
-
-
-def _f32(a) -> jax.Array:
-    return jnp.asarray(np.asarray(a, np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +35,7 @@ def unet():
 def test_compressor_matches_the_official(unet):
     """A bare ``Compression`` state dict: every stage of the eval forward; the adapter is
     reported absent and CompressAI's CDF buffers skipped by name."""
-    meta, ref = _reference("rdeic_compression")
+    meta, ref = reference("rdeic_compression")
     assert meta["commit"] == "b179274"
     state = rdeic.read_checkpoint(DATA / "rdeic_compression" / "weights.safetensors")
     params, variables, report = rdeic.from_official(state, COMPRESSOR, unet[0], ADAPTER)
@@ -76,17 +53,17 @@ def test_compressor_matches_the_official(unet):
                     likelihoods=lik, hint=hint, z_c=z_c)  # fmt: skip
 
     out = jax.jit(LatentCompressor(COMPRESSOR).apply, static_argnames="method")(
-        {"params": params["compressor"], **variables}, _f32(ref["a.h"]), method=stages
+        {"params": params["compressor"], **variables}, f32(ref["a.h"]), method=stages
     )
     np.testing.assert_array_equal(out.pop("indices"), ref["a.indices"])
     for name, got in out.items():
-        _close(got, ref[f"a.{name}"], name)
+        close(got, ref[f"a.{name}"], name)
 
 
 @pytest.fixture(scope="module")
 def controlled(unet):
     """(jitted ε and control features of the ControlledUNet, imported adapter, report, ref)."""
-    meta, ref = _reference("rdeic_adapter")
+    meta, ref = reference("rdeic_adapter")
     state = rdeic.read_checkpoint(DATA / "rdeic_adapter" / "weights.safetensors")
     config, unet_params = unet
     params, _, report = rdeic.from_official(
@@ -109,8 +86,8 @@ def controlled(unet):
         mid = cap["mid_block"]["__call__"][0][1]
         return eps, ctrl, mid
 
-    inputs = [_f32(ref["a.x"]), jnp.asarray(ref["a.t"]), _f32(ref["a.context"])]
-    inputs.append(_f32(ref["a.hint"]))
+    inputs = [f32(ref["a.x"]), jnp.asarray(ref["a.t"]), f32(ref["a.context"])]
+    inputs.append(f32(ref["a.hint"]))
     return forward, params["adapter"], report, ref, state, inputs
 
 
@@ -125,9 +102,9 @@ def test_controlled_unet_matches_the_official(controlled):
     n_blocks = sum(k.startswith("a.control.input_blocks.") for k in ref)
     assert len(ctrl) == n_blocks
     for i, got in enumerate(ctrl):
-        _close(got, ref[f"a.control.input_blocks.{i}"], f"control input block {i}")
-    _close(mid, ref["a.control.middle_block"], "control middle block")
-    _close(eps, ref["a.eps"], "controlled ε")
+        close(got, ref[f"a.control.input_blocks.{i}"], f"control input block {i}")
+    close(mid, ref["a.control.middle_block"], "control middle block")
+    close(eps, ref["a.eps"], "controlled ε")
 
 
 def test_the_scales_matter(controlled, unet):
@@ -141,7 +118,7 @@ def test_the_scales_matter(controlled, unet):
     # and zeroed zero convolutions give the plain UNet: ε_sd of the official forward
     zero = {**state, rdeic.SCALE_LIST_KEY: np.zeros_like(state[rdeic.SCALE_LIST_KEY])}
     off, _, _ = rdeic.from_official(zero, COMPRESSOR, unet[0], ADAPTER)
-    _close(forward(off["adapter"], *inputs)[0], ref["a.eps_sd"], "plain UNet ε")
+    close(forward(off["adapter"], *inputs)[0], ref["a.eps_sd"], "plain UNet ε")
 
 
 def test_full_lightning_state_dict_lists_every_skipped_key(unet):
