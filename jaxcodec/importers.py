@@ -135,7 +135,12 @@ def import_rdeic(
             f"compressor {r['compressor_parameters']:,} parameters + codebook {r['codebook']}"
         )
     if "adapter" not in r["absent"]:
-        parts.append(f"adapter {r['adapter_parameters']:,} (control scales folded: {r['scales']})")
+        lo, hi = min(r["scales"]), max(r["scales"])
+        folded = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+        parts.append(
+            f"adapter {r['adapter_parameters']:,} (scale_list × control_scale {control_scale:g} "
+            f"folded into the zero convolutions: {folded})"
+        )
     lines = [f"RDEIC codec bundle: {', '.join(parts)}"]
     for module in r["absent"]:
         held = "Compression" if module == "adapter" else "NoiseEstimator"
