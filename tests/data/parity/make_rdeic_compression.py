@@ -9,7 +9,7 @@ The official module at a small size: in_nc 16, N = M = 16, 32 codes, one slice o
 channel context is left to tests/test_rdeic_nn.py). The codebook is drawn at the scale of the
 hyper latents and ``embed_prob`` at random; CompressAI's CDF buffers stay as built (empty).
 Eval-mode forward, every stage: y, z, VQ indices and codes, hyper parameters, ŷ, likelihoods,
-hint, z_c. Case (a): batch 2, a 24×40 feature map. The state dict is the bare module's.
+hint, z_c. Case (a): a 24×40 feature map. The state dict is the bare module's.
 """
 
 import sys
@@ -30,7 +30,7 @@ def main(root: str) -> None:
     net = Compression(**ARGS).eval()
     official.perturb(net, seed=1, skip=("quantize.embedding.weight",))
     g = torch.Generator().manual_seed(2)
-    h = official.fp16(torch.randn(2, 16, 24, 40, generator=g))
+    h = official.fp16(torch.randn(1, 16, 24, 40, generator=g))
     seen = {}
 
     def keep(name, pre=False):
@@ -54,7 +54,7 @@ def main(root: str) -> None:
         "a.h": official.as_input(h),
         "a.y": seen["encoder"],
         "a.z": seen["hyper_enc"],
-        "a.indices": indices.reshape(2, 3, 5).int(),
+        "a.indices": indices.reshape(1, 3, 5).int(),
         "a.z_q": z_q,
         "a.hyper": seen["hyper_dec"],
         "a.y_hat": seen["y_hat"],
