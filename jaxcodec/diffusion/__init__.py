@@ -14,6 +14,7 @@ from jaxcodec.diffusion.losses import (
     relay_lambda,
     relay_loss,
     relay_training_sample,
+    relay_x0_from_eps,
     residual_shift_training_sample,
 )
 from jaxcodec.diffusion.parameterization import (
@@ -77,6 +78,7 @@ __all__ = [
     "relay_sample",
     "relay_start_latent",
     "relay_training_sample",
+    "relay_x0_from_eps",
     "residual_shift_sample",
     "residual_shift_schedule",
     "residual_shift_training_sample",
