@@ -146,22 +146,30 @@ def f_c_shapes(config: LatentCompressorConfig) -> dict[str, tuple[int, ...]]:
 
 
 def plan(
-    config: LatentCompressorConfig, unet: UNetConfig, adapter: ControlAdapterConfig
+    config: LatentCompressorConfig | None,
+    unet: UNetConfig | None = None,
+    adapter: ControlAdapterConfig | None = None,
 ) -> dict[str, dict[str, Entry]]:
-    """Every official key jaxcodec reads, per module ("elic", "cddm"), with its jaxcodec path
-    and shapes — from parameter shapes only (``jax.eval_shape``)."""
-    if config.layout != "elic" or config.hyper != "factorized":
-        raise ValueError("the ResULIC importer converts the ELIC layout with a factorized prior")
-    side = config.z_stride
-    z = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
-    init = lambda z: LatentCompressor(config).init({"params": jax.random.key(0)}, z, train=False)
-    comp = nn.unbox(jax.eval_shape(init, z))["params"]
-    ctrl = nn.unbox(controlled_param_shapes(unet, adapter)["adapter"])
-    out: dict[str, dict[str, Entry]] = {"elic": {}, "cddm": {}}
-    for module, tree, key_fn, group in (
-        ("compressor", comp, lambda p: elic_key(p, config), "elic"),
-        ("adapter", ctrl, lambda p: cddm_key(p, unet), "cddm"),
-    ):
+    """Every official key jaxcodec reads, per module ("elic" with a compressor config, "cddm"
+    with the UNet's and the adapter's), with its jaxcodec path and shapes — from parameter
+    shapes only (``jax.eval_shape``)."""
+    parts = []
+    if config is not None:
+        if config.layout != "elic" or config.hyper != "factorized":
+            raise ValueError("the ResULIC importer converts the ELIC layout, factorized prior")
+        side = config.z_stride
+        z = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
+        init = lambda z: LatentCompressor(config).init(
+            {"params": jax.random.key(0)}, z, train=False
+        )
+        comp = nn.unbox(jax.eval_shape(init, z))["params"]
+        parts.append(("compressor", comp, lambda p: elic_key(p, config), "elic"))
+    if unet is not None:
+        ctrl = nn.unbox(controlled_param_shapes(unet, adapter)["adapter"])
+        parts.append(("adapter", ctrl, lambda p: cddm_key(p, unet), "cddm"))
+    out: dict[str, dict[str, Entry]] = {}
+    for module, tree, key_fn, group in parts:
+        out[group] = {}
         for path, leaf in dw._flatten(tree).items():
             shape = tuple(leaf.shape)
             torch_shape = (
@@ -170,8 +178,9 @@ def plan(
                 else dw._torch_shape(shape, path[-1])
             )
             out[group][key_fn(path)] = Entry(module, path, shape, torch_shape)
-    n = len(rdeic._zero_conv_order(unet))
-    out["cddm"][SCALE_LIST_KEY] = Entry("scales", (), (n,), (n,))
+    if unet is not None:
+        n = len(rdeic._zero_conv_order(unet))
+        out["cddm"][SCALE_LIST_KEY] = Entry("scales", (), (n,), (n,))
     return out
 
 
@@ -205,7 +214,7 @@ def check(
     against the plan; rebuilt buffers and ELIC's unused ``f_c`` count as known."""
     missing, unexpected, mismatched = [], [], []
     for group in ("elic", "cddm"):
-        want, have = the_plan[group], shapes.get(group, {})
+        want, have = the_plan.get(group, {}), shapes.get(group, {})
         for key, entry in want.items():
             if key not in have:
                 if key != SCALE_LIST_KEY:  # optional: scales default to 1
@@ -222,11 +231,12 @@ def check(
 
 def from_official(
     state: Mapping[str, Any],
-    config: LatentCompressorConfig,
-    unet: UNetConfig,
-    adapter: ControlAdapterConfig,
+    config: LatentCompressorConfig | None,
+    unet: UNetConfig | None = None,
+    adapter: ControlAdapterConfig | None = None,
 ) -> tuple[dict, dict[str, Any]]:
-    """An official state dict → (params {"compressor", "adapter"}, report). Raises
+    """An official state dict → (params {"compressor", "adapter"}: those whose configs are
+    given, report). Raises
     :class:`~jaxcodec.weights.diffusers.WeightsMismatchError` naming every unknown, missing and
     mis-shaped key."""
     elic, cddm, ignored, unknown = split_state(state)
@@ -241,16 +251,18 @@ def from_official(
     if missing or unexpected or unknown or mismatched:
         raise dw.WeightsMismatchError(missing, sorted(unexpected + unknown), mismatched)
 
-    num_scales = the_plan["cddm"][SCALE_LIST_KEY].shape
-    scales = np.asarray(cddm.get(SCALE_LIST_KEY, np.ones(num_scales)), np.float64)
-    scale_of = dict(zip(rdeic._zero_conv_order(unet), scales, strict=True))
-    flat = {"compressor": {}, "adapter": {}}
+    scale_of, scales = {}, np.ones(0)
+    if unet is not None:
+        num_scales = the_plan["cddm"][SCALE_LIST_KEY].shape
+        scales = np.asarray(cddm.get(SCALE_LIST_KEY, np.ones(num_scales)), np.float64)
+        scale_of = dict(zip(rdeic._zero_conv_order(unet), scales, strict=True))
+    flat = {m: {} for m, g in (("compressor", "elic"), ("adapter", "cddm")) if g in the_plan}
     for group, tensors in (("elic", elic), ("cddm", cddm)):
-        for key, entry in the_plan[group].items():
+        for key, entry in the_plan.get(group, {}).items():
             if entry.module not in flat:
                 continue
             value = np.asarray(tensors[key], np.float64)
-            weight_key = key.removesuffix(".bias") + ".weight"
+            weight_key = key.rsplit(".", 1)[0] + ".weight"  # the scale of its conv
             if entry.module == "adapter" and weight_key in scale_of:
                 value = value * scale_of[weight_key]  # fold the control scale (linear)
             if _is_transposed(entry.path):
@@ -260,8 +272,8 @@ def from_official(
             flat[entry.module][entry.path] = value.astype(np.float32)
     params = {k: dw._unflatten(v) for k, v in flat.items()}
     report = {
-        "compressor_parameters": sum(v.size for v in flat["compressor"].values()),
-        "adapter_parameters": sum(v.size for v in flat["adapter"].values()),
+        "compressor_parameters": sum(v.size for v in flat.get("compressor", {}).values()),
+        "adapter_parameters": sum(v.size for v in flat.get("adapter", {}).values()),
         "ignored": ignored,
         "unused": sorted(k for k in elic if k.startswith(UNUSED_PREFIX)),
         "scales": sorted({float(s) for s in scales}),
@@ -271,9 +283,9 @@ def from_official(
 
 def to_official(
     params: Mapping[str, Any],
-    config: LatentCompressorConfig,
-    unet: UNetConfig,
-    adapter: ControlAdapterConfig,
+    config: LatentCompressorConfig | None,
+    unet: UNetConfig | None = None,
+    adapter: ControlAdapterConfig | None = None,
     *,
     lightning: bool = True,
 ) -> dict[str, np.ndarray]:
@@ -283,6 +295,8 @@ def to_official(
     params = jax.tree.map(np.asarray, nn.unbox(params))
     out = {}
     for group, prefix in (("elic", ELIC_PREFIX), ("cddm", CDDM_PREFIX)):
+        if group not in the_plan:
+            continue
         prefix = prefix if lightning else ""
         for key, entry in the_plan[group].items():
             if entry.module == "scales":
