@@ -92,3 +92,15 @@ def stub_missing(*names: str) -> None:
             pass
 
     sys.meta_path.insert(0, _Finder())
+
+
+def read_official_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{key: torch shape} of a ``*_keys.txt`` listing (../shared/reference/official), without
+    non-persistent buffers."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#") or line.startswith("buffer(non-persistent)"):
+            continue
+        _, key, rest = line.split(" ", 2)
+        out[key] = tuple(int(d) for d in rest.rsplit(" ", 1)[0].strip("()").split(",") if d)
+    return out

@@ -351,7 +351,7 @@ class ResULICCoding(BitstreamCoder):
         self.latent = lc.LatentCoding()
         encode = method.config.get("encode", {})
         self._caption_spec = (encode.get("captions", ""), encode.get("captions_root", ""))
-        self._source = None
+        self._source, self._clip = None, None
         search = encode.get("prompt_search", {})
         self.prompt_search = dict(search) if search.get("enabled", False) else None
         comp = method.compressor
@@ -416,17 +416,40 @@ class ResULICCoding(BitstreamCoder):
             raise CodingError(f"guidance {guidance} is not finite")
         return steps, guidance, start
 
-    def caption_tokens(self, variables, image: np.ndarray, z_c) -> list[int] | None:
+    def caption_tokens(self, variables, image: np.ndarray, y_hat, options) -> tuple[list, dict]:
         """The tokens this image's file carries: its caption's (truncated to what the text
-        context holds), or the prompt search's, started from them."""
+        context holds), or what the prompt search finds from them; and the search's record."""
         caption = self.caption_source(image) if self.caption_source is not None else None
         budget = self.method.caption_budget()
-        tokens = None if caption is None else default_tokenizer().encode(caption)[:budget]
-        if self.prompt_search is not None:
-            from jaxcodec.prompt_search import search_prompt
+        if caption is not None:  # literal <start_of_text>/<end_of_text> in a caption drop out
+            tokens = [t for t in default_tokenizer().encode(caption) if t < text_coder.SOT]
+            tokens = tokens[:budget]
+        else:
+            tokens = None
+        if self.prompt_search is None:
+            return tokens, {}
+        from jaxcodec import prompt_search as ps
 
-            tokens = search_prompt(self.method, variables, image, z_c, tokens, self.prompt_search)
-        return tokens
+        if self._clip is None:
+            path = self.prompt_search.get("clip_path") or Path(
+                self.method.config.model.sd_path, "text_encoder"
+            )
+            self._clip = ps.load_clip(path)
+        steps, guidance, start = self._sampler_options(options)
+        z_c = self._synthesise(variables.params, jnp.asarray(y_hat)[None])
+        out = ps.search(
+            self.method,
+            variables,
+            image,
+            z_c,
+            tokens,
+            ps.SearchConfig.from_config(self.prompt_search),
+            self._clip,
+            steps=steps,
+            guidance=guidance,
+            start=start,
+        )
+        return out["tokens"], {"prompt_lpips": out["lpips"], "prompt_start": tokens}
 
     def compress(self, variables, tables, image: np.ndarray, options: Mapping[str, Any]):
         steps, guidance, start = self._sampler_options(options)
@@ -436,12 +459,9 @@ class ResULICCoding(BitstreamCoder):
         t1 = time.perf_counter()
         streams, y_hat, info = self.latent.encode(tables, y, z)
         t2 = time.perf_counter()
-        z_c = None
-        if self.prompt_search is not None:
-            z_c = self._synthesise(variables.params, jnp.asarray(y_hat)[None])
-        tokens = self.caption_tokens(variables, image, z_c)
+        tokens, search_info = self.caption_tokens(variables, image, y_hat, options)
         caption = text_coder.encode(tokens)
-        info |= {
+        info |= search_info | {
             "analysis_s": t1 - t0,
             "caption_s": time.perf_counter() - t2,
             "caption_tokens": tokens,

@@ -1,0 +1,257 @@
+"""ResULIC's parts: parity with the official ELIC and CDDM (tests/data/parity/resulic_*), the
+official parameter counts and state-dict keys at full size, the compression-aware diffusion
+maths, the caption coder, and the encoder's hard-prompt search on the tiny model."""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import resulic_parity as rp
+
+from jaxcodec.entropy import text_coder
+from jaxcodec.entropy.coder import CodingError
+from jaxcodec.nn import latent_compressor as lc
+from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
+from jaxcodec.nn.text import default_tokenizer
+from jaxcodec.nn.unet import SD21_BASE_UNET, UNet, UNetConfig, unet_param_shapes
+from jaxcodec.weights import diffusers as dw
+from jaxcodec.weights import resulic as importer
+
+DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5  # relative to the reference's largest magnitude
+
+
+def _nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def _nhwc(x) -> jax.Array:
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------- official sizes
+
+
+def test_official_sizes_counts_and_every_key():
+    """ELIC (N 128, M 192, slices [16, 16, 32, 32, 96]) and the CDDM adapter at SD 2.1 width:
+    parameter counts equal the official modules', and every official state-dict key maps with
+    its shape (the ELIC's f_c, built but never called by the official code, is the difference
+    of 265,344 in the ELIC total)."""
+    c = lc.LatentCompressorConfig.elic()
+    unet = UNetConfig.from_diffusers(SD21_BASE_UNET)
+    adapter = ControlAdapterConfig.resulic()
+    elic = rp.read_official_keys(DATA / "resulic_elic_keys.txt")
+    cddm = rp.read_official_keys(DATA / "resulic_cddm_keys.txt")
+    assert len(elic) == 239 and len(cddm) == 387
+    plan = importer.plan(c, unet, adapter)
+    assert importer.check(plan, {"elic": elic, "cddm": cddm}) == ([], [], [])
+    f_c = sum(int(np.prod(s)) for k, s in elic.items() if k.startswith("f_c."))
+    assert f_c == 265_344 and importer.f_c_shapes(c) == {
+        k: s for k, s in elic.items() if k.startswith("f_c.")
+    }
+    size = lambda entries: sum(int(np.prod(e.shape)) for e in entries)  # noqa: E731
+    comp = [e for e in plan["elic"].values() if e.module == "compressor"]
+    assert size(comp) + f_c == 13_072_908  # official ELIC
+    assert size(e for e in comp if e.path[0] == "g_a") == 1_007_040  # its encoder
+    assert size(e for e in comp if e.path[0] == "h_s") == 2_992_992  # its hyper decoder
+    ctrl = [e for e in plan["cddm"].values() if e.module == "adapter"]
+    zero = [e for e in ctrl if "_to_" in e.path[-2]]  # zero convs, both directions
+    assert size(ctrl) == 54_807_680  # official CDDM with its zero convs
+    assert size(ctrl) - size(zero) == 40_480_640  # its ControlModule
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def test_elic_parity_with_the_official_module():
+    manifest, ref = rp.load("elic")
+    a = manifest["args"]
+    config = lc.LatentCompressorConfig.elic(
+        a["in_nc"], N=a["N"], M=a["M"], groups=tuple(a["slice_ch"]), enc_channels=a["enc_mid"][2]
+    )
+    params, report = importer.from_official(rp.draw(manifest), config)
+    assert report["unused"] == sorted(importer.f_c_shapes(config))
+    model, x = lc.LatentCompressor(config), _nhwc(ref["x"])
+    v = {"params": params["compressor"]}
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+    y = jax.jit(lambda v, x: model.apply(v, x, method="analyse")[0])(v, x)
+    got = {"y": y, "z_c": out.z_c, "y_likelihoods": out.y_likelihoods}
+    got["z_likelihoods"] = out.z_likelihoods
+    errors = {k: rp.relative_error(_nchw(g), ref[k]) for k, g in got.items()}
+    print("ELIC relative errors", errors, "input", ref["x"].shape)
+    assert max(errors.values()) <= TOL
+
+
+def test_cddm_parity_with_the_official_module():
+    """The official CDDM driving the official LDM UNet vs jaxcodec's ControlledUNet with the
+    imported adapter (the LDM UNet's weights through diffusers' converter)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    manifest, ref = rp.load("cddm")
+    state = rp.draw(manifest)
+    base = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    cddm = {k: v for k, v in state.items() if k not in base}
+    unet_config = UNetConfig.from_diffusers(manifest["unet_diffusers"])
+    diffusers_state = convert_ldm_unet_checkpoint(base, manifest["unet_diffusers"])
+    unet = dw.state_dict_to_params(diffusers_state, unet_param_shapes(unet_config))
+    c = manifest["cddm"]
+    adapter_config = ControlAdapterConfig.resulic(
+        c["control_model_ratio"], c["num_head_channels"], c["hint_channels"]
+    )
+    params, report = importer.from_official(cddm, None, unet_config, adapter_config)
+    assert len(report["scales"]) > 1  # non-trivial scale_list, folded into the zero convs
+    x, hint = _nhwc(ref["x"]), _nhwc(ref["hint"])
+    t, ctx = jnp.asarray(ref["t"]), jnp.asarray(ref["context"])
+    eps_base = jax.jit(UNet(unet_config).apply)({"params": unet}, x, t, ctx)
+    controlled = ControlledUNet(unet_config, adapter_config)
+    v = {"params": {"unet": unet, "adapter": params["adapter"]}}
+    eps = jax.jit(controlled.apply)(v, x, t, ctx, hint)
+    errors = {
+        "eps_base": rp.relative_error(_nchw(eps_base), ref["eps_base"]),
+        "eps": rp.relative_error(_nchw(eps), ref["eps"]),
+    }
+    print("CDDM relative errors", errors)
+    assert max(errors.values()) <= TOL
+    assert rp.relative_error(ref["eps_base"], ref["eps"]) > 0.1  # the control path acts
+
+
+def test_exported_state_dict_imports_back():
+    manifest, _ = rp.load("elic")
+    a = manifest["args"]
+    config = lc.LatentCompressorConfig.elic(
+        4, N=a["N"], M=a["M"], groups=tuple(a["slice_ch"]), enc_channels=a["enc_mid"][2]
+    )
+    params, _ = importer.from_official(rp.draw(manifest), config)
+    official = importer.to_official(params, config, lightning=True)
+    assert all(k.startswith("preprocess_model.") for k in official)
+    again, _ = importer.from_official(official, config)
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+    official["preprocess_model.hyper_dec.hyper_dec.0.weight"] = np.zeros((1, 2, 5, 5))
+    official["something.else"] = np.zeros(1)
+    with pytest.raises(dw.WeightsMismatchError) as info:
+        importer.from_official(official, config)
+    assert "hyper_dec.hyper_dec.0.weight (checkpoint (1, 2, 5, 5)" in str(info.value)
+    assert "something.else" in str(info.value)
+
+
+def test_transposed_conv_is_torchs_and_exports_exactly():
+    """jaxcodec's ConvTranspose (a sub-pixel conv) against torch's ConvTranspose2d, and its
+    integer export against the float layer."""
+    torch = pytest.importorskip("torch")
+    from jaxcodec.entropy import fixedpoint
+    from jaxcodec.nn.transforms import ConvTranspose
+
+    x = rp.uniform(3, 2 * 6 * 5 * 7).reshape(2, 6, 5, 7).astype(np.float32) * 2 - 1
+    for k, s, p, op in ((5, 2, 2, 1), (3, 1, 1, 0)):
+        torch.manual_seed(k)
+        ref = torch.nn.ConvTranspose2d(6, 8, k, s, p, op)
+        want = ref(torch.from_numpy(x)).detach().numpy()
+        params = {
+            "kernel": ref.weight.detach().numpy().transpose(2, 3, 0, 1),
+            "bias": ref.bias.detach().numpy(),
+        }
+        got = ConvTranspose(8, k, s, p, op).apply({"params": params}, _nhwc(x))
+        assert rp.relative_error(_nchw(got), want) < 1e-6
+        net = ConvTranspose.fixed_point(params, s, p, op)
+        fixed = fixedpoint.run(net, fixedpoint.to_fixed(np.asarray(_nhwc(x))[0]))
+        assert np.abs(fixedpoint.from_fixed(fixed) - want[0].transpose(1, 2, 0)).max() < 0.02
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+def test_compression_aware_x0_inverts_the_forward_process():
+    from jaxcodec.diffusion import relay_forward, relay_x0_from_eps, scaled_linear_schedule
+
+    schedule, start = scaled_linear_schedule(), 300
+    k = jax.random.split(jax.random.key(0), 3)
+    z0, z_c, eps = (jax.random.normal(ki, (3, 4, 6, 4)) for ki in k)
+    t = jnp.array([0, 150, start])
+    z_t, _ = relay_forward(schedule, z0, z_c, t, eps, start + 1)
+    x0 = relay_x0_from_eps(schedule, z_t, t, eps, z_c, start + 1)
+    np.testing.assert_allclose(x0[:2], z0[:2], atol=2e-4)  # the pure ε recovers z_0 …
+    np.testing.assert_array_equal(x0[2], z_c[2])  # … and at the start the process is z_c's
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def test_caption_coder_round_trip_and_cost():
+    tok = default_tokenizer()
+    captions = (DATA.parent.parent / "benchmarks" / "data" / "captions_varied.txt").read_text()
+    captions = captions.splitlines()
+    assert len(captions) == 200
+    for caption in captions[:20] + ["", "Ünïcode & <end_of_text> edge cases!!"]:
+        tokens = [t for t in tok.encode(caption) if t < text_coder.SOT][: text_coder.MAX_TOKENS]
+        assert text_coder.decode(text_coder.encode(tokens)) == tokens
+    assert text_coder.encode(None) == b"" and text_coder.decode(b"") is None
+    stats = text_coder.compare(captions)
+    print("bits per caption on 200 varied captions:", stats)
+    assert stats["coder_bits"] < 0.75 * stats["token16_bits"] < stats["zlib_bits"]
+    with pytest.raises(ValueError, match="at most 75"):
+        text_coder.encode([320] * 76)
+    with pytest.raises(CodingError):  # a stream that never ends in <end_of_text>
+        text_coder.decode(b"\xff" * 64)
+
+
+def test_caption_file_matches_images_by_pixels(tmp_path):
+    from PIL import Image
+
+    from jaxcodec.data.captions import CaptionFile, caption_source
+    from jaxcodec.methods.base import pad_to_multiple
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    (tmp_path / "captions.json").write_text('{"a.png": "a red door", "chelsea": "a cat"}')
+    pad = lambda im: pad_to_multiple(im, 32)  # noqa: E731
+    source = caption_source(str(tmp_path / "captions.json"), pad)
+    assert isinstance(source, CaptionFile) and source.by_name("chelsea") == "a cat"
+    assert source(pad(image)) == "a red door" and source(pad(image[::-1])) is None
+    assert caption_source("") is None
+    assert caption_source("os.path:basename") is os.path.basename
+    with pytest.raises(ValueError, match="module:function"):
+        caption_source("nonsense")
+
+
+# ----------------------------------------------------------------------------- prompt search
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny ResULIC at initialisation (no training), its frozen parts and a decoded z_c."""
+    from jaxcodec.codec import load_frozen
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import Variables, get_method
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        method = get_method(load_config("configs/resulic.py:tiny"))
+        frozen, _ = load_frozen(method, {})
+    params = method.init(jax.random.key(0), method.dummy_batch(1))["params"]
+    return method, Variables(params, {}, frozen)
+
+
+def test_prompt_search_is_jitted_lowers_its_loss_and_round_trips(tiny):
+    from jaxcodec import prompt_search as ps
+
+    method, v = tiny
+    from skimage import data
+
+    image = np.ascontiguousarray(data.chelsea()[:128, :128])
+    z0 = method._encode(v.frozen, jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0)
+    out = method.compressor.apply({"params": v.params["compressor"]}, z0, train=False)
+    clip = ps.load_clip(Path(method.config.model.sd_path) / "text_encoder")
+    config = ps.SearchConfig(length=6, iterations=24, eval_every=8, clip_weight=1.0)
+    result = ps.search(method, v, image, out.z_c, None, config, clip, steps=2, guidance=1.0)
+    losses, trace = result["losses"], result["lpips_trace"]
+    print(f"PEZ loss {losses[:4].mean():.3f} -> {losses[-4:].mean():.3f}; LPIPS trace {trace}")
+    assert ps._search._cache_size() == 1  # one compiled program ran the whole search
+    assert losses.shape == (24,) and losses[-4:].mean() < 0.9 * losses[:4].mean()
+    assert result["lpips"] == pytest.approx(trace.min()) and len(trace) == 4
+    tok = default_tokenizer()
+    tokens = result["tokens"]
+    assert len(tokens) == 6 and tok.encode(tok.decode(tokens)) == tokens
