@@ -197,7 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.captions = str(SKIMAGE_CAPTIONS)
         c.eval_data.max_images = 2
         c.batch_size = 4
-        c.optimizer.lr = 3e-3 if stage == 1 else 1e-3
+        c.optimizer.lr = 3e-3
         c.total_steps = 200
         c.log_every = 20
         c.eval_every = 200

@@ -231,7 +231,7 @@ def tiny(tmp_path_factory):
         mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
         method = get_method(load_config("configs/resulic.py:tiny"))
         frozen, _ = load_frozen(method, {})
-    params = method.init(jax.random.key(0), method.dummy_batch(1))["params"]
+    params = jax.jit(method.init)(jax.random.key(0), method.dummy_batch(1))["params"]
     return method, Variables(params, {}, frozen)
 
 

@@ -16,7 +16,8 @@ sides build bit-identical ``constriction`` categorical models on any machine.
 The shipped model (``caption_bigram.npz``, 76 KB) holds bigram counts of 20,302 captions of
 ResULIC's Flickr2K caption file (``dataset/prompt_flicker.json`` of NJUVISION's ResULIC,
 commit 1b014ef, BSD-3-Clause © 2025 NJUVISION), every 100th caption held out for evaluation;
-only counts ship, no text. ``python -m jaxcodec.entropy.text_coder build CORPUS.json OUT.npz``
+only counts ship, no text (the licence: ``caption_bigram.LICENSE``).
+``python -m jaxcodec.entropy.text_coder build CORPUS.json OUT.npz``
 rebuilds it, ``... evaluate CAPTIONS.txt`` reports bits per caption next to zlib and 16-bit
 tokens (see ``benchmarks/caption_coding.py``).
 
