@@ -106,6 +106,15 @@ def tiny_sd_folder() -> str:
     return str(folder)
 
 
+def decode_steps(add_steps: int) -> int:
+    """The official 3 DDIM steps where they divide the start step, else 2 (or the smallest
+    divisor): the sampler's grid must divide [0, add_steps] evenly."""
+    for steps in (3, 2, *range(4, add_steps + 1)):
+        if add_steps % steps == 0:
+            return steps
+    return add_steps
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, variants=VARIANTS, stage=1, add_steps=300, l_bpp=-1.0)
     variant, stage, add_steps = a["variant"], a["stage"], a["add_steps"]
@@ -170,7 +179,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # around the caption is part of the model.
     c.decode = ml_collections.ConfigDict(
         dict(
-            steps=3,  # DDIM steps over [0, add_steps]: must divide add_steps
+            steps=decode_steps(add_steps),  # DDIM steps over [0, add_steps]: must divide it
             guidance=2.5,  # classifier-free guidance scale (1 = the caption alone)
             seed=0,
             positive_prompt=POSITIVE_PROMPT,

@@ -22,7 +22,6 @@ bpp. See configs/resulic.py.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -120,8 +119,7 @@ class ResULIC(Method):
         self.text = TextTransformer(self.text_config)
         self.schedule = scaled_linear_schedule()
         self.start = int(m.add_steps)  # N: the forward process's start index
-        if not 1 <= self.start <= MAX_START:
-            raise ValueError(f"add_steps={self.start} outside [1, {MAX_START}]")
+        check_sampler(int(config.decode.steps), self.start)
         self.scale = float(m.scale_factor)
         self.latent_stride = 2 ** (len(self.vae_config.block_out_channels) - 1)
         self._coder = ResULICCoding(self)
@@ -518,9 +516,11 @@ def import_official_cli(source, output, config_spec: str | None, *, sd: str | No
     )
     _, identity = load_frozen(method, {}, "import-weights")
     save_bundle(output, build_bundle(method, config, params, {}, {}, identity, step=0))
-    ignored = f"; ignored {len(report['ignored'])} keys" if report["ignored"] else ""
+    ignored = f"; ignored {len(report['ignored'])} SD/schedule keys" if report["ignored"] else ""
+    unused = f"; dropped the {len(report['unused'])} tensors of ELIC's unused f_c"
     return (
         f"ResULIC codec bundle (add_steps {method.start}): ELIC "
         f"{report['compressor_parameters']:,} parameters, CDDM adapter "
-        f"{report['adapter_parameters']:,}{ignored}; " + json.dumps(report["unused"])
+        f"{report['adapter_parameters']:,}{ignored}{unused if report['unused'] else ''}; "
+        "use it with jaxcodec compress/decompress/evaluate --checkpoint"
     )
