@@ -2,13 +2,16 @@
 
 The converters in :mod:`jaxcodec.weights` only map foreign state dicts to parameters; this
 command layer builds what a user runs: a VQGAN weights file (``vqgan``) or a codec bundle with
-its integer entropy tables (``rdeic``, ``diffo``). Every importer returns a report that names
-every key of the checkpoints it left out, with the reason (by count where there are hundreds).
+its integer entropy tables (``rdeic``, ``resulic``, ``diffo``). Every importer returns a report
+that names every key of the checkpoints it left out, with the reason (by count where there are
+hundreds).
 
 - ``vqgan``: taming's VQGAN (DiffO's GT latent space) → a file for ``model.vqgan_path``.
 - ``rdeic``: an official RDEIC checkpoint (or a bare ``Compression`` / ``NoiseEstimator`` state
   dict: the other module starts fresh) + SD 2.1-base from ``--sd`` → a codec bundle; the
   official run-time ``control_scale`` is ``--control-scale``.
+- ``resulic``: an official ResULIC checkpoint (ELIC + CDDM, or either alone) + SD 2.1-base from
+  ``--sd`` → a codec bundle of one rate point (``add_steps`` in ``--config``).
 - ``diffo``: DiffO's Swin-UNet (``ema_model_*.pth``) + base-code autoencoder (``--base
   vq_model_*.pth.tar``) + an imported VQGAN (``--vqgan``) → a codec bundle.
 """
@@ -222,10 +225,57 @@ def import_diffo(
     return "\n".join(lines)
 
 
+def import_resulic(
+    source, output, config_spec: str | None = None, *, sd: str | None = None, seed: int = 0
+) -> str:
+    """An official ResULIC checkpoint (``preprocess_model.*`` ELIC, ``control_model.*`` CDDM;
+    or a bare module's state dict, the other starting from the method's initialisation) → a
+    codec bundle. The default config is `configs/resulic.py:full,stage=2`; one model is one
+    rate point: give its start step, `--config 'configs/resulic.py:full,stage=2,add_steps=N'`."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import get_method
+    from jaxcodec.weights import resulic
+
+    config = load_config(config_spec or "configs/resulic.py:full,stage=2")
+    if sd:
+        config.model.sd_path = str(sd)
+    if not config.model.sd_path:
+        raise ValueError("import-weights --format resulic needs --sd SD_FOLDER (SD 2.1-base)")
+    method = get_method(config)
+    params, r = resulic.from_official(
+        resulic.read_checkpoint(source),
+        method.compressor_config,
+        method.unet_config,
+        method.adapter_config,
+    )
+    if r["absent"]:
+        params.update(
+            _fresh_variables(method, seed, lambda v: {m: v["params"][m] for m in r["absent"]})
+        )
+    _save_bundle(method, config, params, {}, output)
+    parts = []
+    if "compressor" not in r["absent"]:
+        parts.append(f"ELIC {r['compressor_parameters']:,} parameters")
+    if "adapter" not in r["absent"]:
+        lo, hi = min(r["scales"]), max(r["scales"])
+        folded = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+        parts.append(
+            f"CDDM adapter {r['adapter_parameters']:,} (scale_list folded into the zero "
+            f"convolutions: {folded})"
+        )
+    lines = [f"ResULIC codec bundle (add_steps {method.start}): {', '.join(parts)}"]
+    for module in r["absent"]:
+        lines.append(f"{module}: not in the checkpoint: starts fresh (seed {seed})")
+    lines += describe_skipped(r["skipped"])
+    lines.append("use it with jaxcodec compress/decompress/evaluate --checkpoint")
+    return "\n".join(lines)
+
+
 FORMATS: dict[str, Callable[..., str]] = {
     "vqgan": import_vqgan,
     "rdeic": import_rdeic,
     "diffo": import_diffo,
+    "resulic": import_resulic,
 }
 
 

@@ -34,3 +34,51 @@ def close(got, want, what: str, rtol: float = RTOL) -> float:
 
 def f32(a) -> jax.Array:
     return jnp.asarray(np.asarray(a, np.float32))
+
+
+# Seeded weights: a module whose parameters would not fit a small file (ResULIC's ELIC: its
+# channel contexts are 224 and 128 wide at any size) keeps in meta.json its state dict's
+# entries ``[key, shape, offset, scale]`` and a seed; every value is ``offset + scale·(2u − 1)``
+# with u uniform in [0, 1) from PCG64's raw 64-bit stream (``(bits >> 11)·2^-53``, stable across
+# numpy versions), drawn in entry order — by the make_*.py script and by the test alike.
+
+
+def uniform(seed: int, n: int) -> np.ndarray:
+    """n doubles in [0, 1) from PCG64(seed)'s raw stream."""
+    raw = np.random.PCG64(seed).random_raw(n)
+    return (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def seeded_rule(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(offset, scale) of an entry: kernels ±sqrt(3/fan_in) (unit-variance activations),
+    norm scales 1 ± 0.1, everything else ± 0.1."""
+    if len(shape) >= 2:
+        return 0.0, float(np.sqrt(3.0 / np.prod(shape[1:])))
+    if "norm" in key and key.endswith(".weight"):
+        return 1.0, 0.1
+    return 0.0, 0.1
+
+
+def seeded_state(meta: dict) -> dict[str, np.ndarray]:
+    """The state dict meta.json's ``entries`` and ``seed`` describe (float32 arrays)."""
+    entries = meta["entries"]
+    sizes = [int(np.prod(shape)) for _, shape, _, _ in entries]
+    u = uniform(int(meta["seed"]), sum(sizes))
+    out, start = {}, 0
+    for (key, shape, offset, scale), size in zip(entries, sizes, strict=True):
+        values = offset + scale * (2.0 * u[start : start + size] - 1.0)
+        out[key] = values.reshape(shape).astype(np.float32)
+        start += size
+    return out
+
+
+def official_keys(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{key: torch shape} of a ``*_keys.txt`` listing (../shared/reference/official), without
+    non-persistent buffers."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#") or line.startswith("buffer(non-persistent)"):
+            continue
+        _, key, rest = line.split(" ", 2)
+        out[key] = tuple(int(d) for d in rest.rsplit(" ", 1)[0].strip("()").split(",") if d)
+    return out

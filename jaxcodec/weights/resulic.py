@@ -235,50 +235,70 @@ def from_official(
     unet: UNetConfig | None = None,
     adapter: ControlAdapterConfig | None = None,
 ) -> tuple[dict, dict[str, Any]]:
-    """An official state dict → (params {"compressor", "adapter"}: those whose configs are
-    given, report). Raises
+    """An official state dict → (params {"compressor", "adapter"}, report).
+
+    The modules converted are those the checkpoint holds among those whose configs are given
+    (a bare ``ELIC`` or ``CDDM`` state dict gives that module; ``report["absent"]`` names the
+    other). ``report["skipped"]`` maps a reason to every key left out for it. Raises
     :class:`~jaxcodec.weights.diffusers.WeightsMismatchError` naming every unknown, missing and
     mis-shaped key."""
     elic, cddm, ignored, unknown = split_state(state)
     the_plan = plan(config, unet, adapter)
-    shapes = {
-        "elic": {k: np.shape(v) for k, v in elic.items()},
-        "cddm": {k: np.shape(v) for k, v in cddm.items()},
-    }
-    missing, unexpected, mismatched = check(the_plan, shapes)
-    if any(k.startswith(ELIC_PREFIX) for k in state):
+    present = {g: t for g, t in (("elic", elic), ("cddm", cddm)) if t and g in the_plan}
+    unknown += [k for g, t in (("elic", elic), ("cddm", cddm)) if g not in the_plan for k in t]
+    if not present and not unknown:
+        raise dw.WeightsMismatchError(
+            [f"{ELIC_PREFIX}* or {CDDM_PREFIX}* (no ResULIC module found)"], [], []
+        )
+    shapes = {g: {k: np.shape(v) for k, v in t.items()} for g, t in present.items()}
+    missing, unexpected, mismatched = check({g: the_plan[g] for g in present}, shapes)
+    lightning = any(k.startswith(ELIC_PREFIX) for k in state) or any(
+        k.startswith(CDDM_PREFIX + CDDM_PREFIX) for k in state
+    )
+    if lightning:
         unexpected = [(ELIC_PREFIX if k in elic else CDDM_PREFIX) + k for k in unexpected]
     if missing or unexpected or unknown or mismatched:
         raise dw.WeightsMismatchError(missing, sorted(unexpected + unknown), mismatched)
 
-    scale_of, scales = {}, np.ones(0)
-    if unet is not None:
-        num_scales = the_plan["cddm"][SCALE_LIST_KEY].shape
-        scales = np.asarray(cddm.get(SCALE_LIST_KEY, np.ones(num_scales)), np.float64)
-        scale_of = dict(zip(rdeic._zero_conv_order(unet), scales, strict=True))
-    flat = {m: {} for m, g in (("compressor", "elic"), ("adapter", "cddm")) if g in the_plan}
-    for group, tensors in (("elic", elic), ("cddm", cddm)):
-        for key, entry in the_plan.get(group, {}).items():
+    # CDDM multiplies zero conv i by scale_list[i] (control_scale is already in the buffer).
+    scale_of = rdeic._zero_conv_scales(cddm, unet, 1.0) if "cddm" in present else {}
+    flat = {m: {} for m, g in (("compressor", "elic"), ("adapter", "cddm")) if g in present}
+    for group, tensors in present.items():
+        for key, entry in the_plan[group].items():
             if entry.module not in flat:
                 continue
             value = np.asarray(tensors[key], np.float64)
-            weight_key = key.rsplit(".", 1)[0] + ".weight"  # the scale of its conv
+            weight_key = re.sub(r"\.(weight|bias)$", ".weight", key)
             if entry.module == "adapter" and weight_key in scale_of:
-                value = value * scale_of[weight_key]  # fold the control scale (linear)
+                value = value * scale_of[weight_key]  # kernel and bias: the conv is linear
             if _is_transposed(entry.path):
                 value = value.transpose(2, 3, 0, 1)
             else:
                 value = dw.from_torch_layout(value, entry.path[-1], len(entry.shape))
             flat[entry.module][entry.path] = value.astype(np.float32)
-    params = {k: dw._unflatten(v) for k, v in flat.items()}
+    skipped: dict[str, list[str]] = {}
+    for key in ignored:
+        skipped.setdefault(rdeic._skip_reason(key), []).append(key)
+    prefix = ELIC_PREFIX if lightning else ""
+    rebuilt = [prefix + k for k in elic if k in REBUILT_BUFFERS]
+    if rebuilt:
+        skipped[rdeic.SKIP_REASONS["rebuilt"]] = sorted(rebuilt)
+    unused = [prefix + k for k in elic if k.startswith(UNUSED_PREFIX)]
+    if unused:
+        skipped["ELIC's f_c: built by the official code, never called"] = sorted(unused)
     report = {
         "compressor_parameters": sum(v.size for v in flat.get("compressor", {}).values()),
         "adapter_parameters": sum(v.size for v in flat.get("adapter", {}).values()),
-        "ignored": ignored,
-        "unused": sorted(k for k in elic if k.startswith(UNUSED_PREFIX)),
-        "scales": sorted({float(s) for s in scales}),
+        "absent": [
+            m
+            for m, g in (("compressor", "elic"), ("adapter", "cddm"))
+            if g in the_plan and g not in present
+        ],  # fmt: skip
+        "skipped": skipped,
+        "unused": sorted(unused),
+        "scales": sorted({float(s) for s in scale_of.values()}),
     }
-    return params, report
+    return {k: dw._unflatten(v) for k, v in flat.items()}, report
 
 
 def to_official(
