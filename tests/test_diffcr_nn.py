@@ -157,8 +157,9 @@ def test_fda_bands_reach_only_their_own_attention():
     term is what a zero input gives — zero for the high band (its attention's response to
     zeros is a constant, whose spectrum is DC, masked out), and the attention's bias response
     (DC only) for the low band — while the own band's term depends on the input."""
-    config = fase_lib.FaSEConfig(model_channels=16, fda_channels=8, fda_heads=2,
-                                 feature_channels=8, num_rrdb=1, grow_channels=4, norm_groups=4)  # fmt: skip
+    config = fase_lib.FaSEConfig(
+        model_channels=16, fda_channels=8, fda_heads=2, feature_channels=8, norm_groups=4
+    )
     fda = fase_lib.FrequencyDecouplingAttention(config)
     hw, c = (12, 20), config.fda_channels
     low, high = fase_lib.band_masks(*hw)
