@@ -1,8 +1,9 @@
 """DiffCR (Xia et al., AAAI-26). `configs/diffcr.py:VARIANT[,stage=S][,lambda_r=L]`.
 
 tiny — RDEIC's random tiny SD backbone (`configs/rdeic.py:tiny_sd_folder`), a small compressor
-       and FaSE, the empty prompt as the UNet's context (no CLIP weights): both stages train in
-       seconds on a CPU.
+       (one channel group: no channel context, the fastest compile) and FaSE (one RRDB), the
+       empty prompt as the UNet's context (no CLIP weights): both stages train in seconds on a
+       CPU.
 full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`, which also takes
        a backbone trained here: unet/, vae/, text_encoder/), OpenCLIP ViT-H/14 for the image
        condition (`--config.model.clip_path=DIR`, an open_clip folder; or
@@ -120,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.sd_path = tiny_sd_folder()
         c.model.condition = "empty_prompt"
         c.model.compressor = ml_collections.ConfigDict(
-            dict(N=32, M=32, groups=(8, 24), num_codes=32, res_blocks=(1, 1))
+            dict(N=32, M=32, groups=(32,), num_codes=32, res_blocks=(1, 1))
         )
         c.model.fase = ml_collections.ConfigDict(
             dict(

@@ -190,6 +190,7 @@ def _export(args) -> int:
 IMPORT_FORMATS: dict[str, str] = {
     "vqgan": "jaxcodec.weights.taming:import_vqgan_cli",
     "rdeic": "jaxcodec.weights.rdeic:import_rdeic_cli",  # also takes --sd
+    "diffcr": "jaxcodec.methods.diffcr:import_official_cli",  # also takes --sd
 }
 
 
@@ -198,7 +199,7 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="the weights file in jaxcodec's format")
     p.add_argument("--format", required=True, choices=sorted(IMPORT_FORMATS))
     p.add_argument("--config", default=None, help="config whose model it is (default: per format)")
-    p.add_argument("--sd", default=None, help="rdeic: the SD 2.1-base diffusers folder it runs on")
+    p.add_argument("--sd", default=None, help="rdeic, diffcr: the SD 2.1-base folder it runs on")
 
 
 @subcommand("import-weights", _import_args)

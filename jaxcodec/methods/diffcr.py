@@ -443,7 +443,16 @@ class DiffCR(Method):
             s = t - stride
             eps = jax.random.normal(k_noise, z0.shape)
             z_t = self.schedule.q_sample(z0, t, eps)
-            f_t, eps_t = self.consistency_f(params["fase"], unet, c_hat, context, z_t, t)
+            # The online network at z_t and at the decoder's real start state sqrt(ᾱ)·ĉ, in
+            # one batch (one UNet and one FaSE in the program).
+            t0 = timesteps[0]
+            z_start = consistency_start_latent(self.schedule, c_hat, t0)
+            twice = lambda a: jnp.concatenate([a, a])  # noqa: E731
+            f, eps_online = self.consistency_f(
+                params["fase"], unet, twice(c_hat), twice(context),
+                jnp.concatenate([z_t, z_start]), jnp.concatenate([t, t0]),
+            )  # fmt: skip
+            (f_t, f_0), eps_t = jnp.split(f, 2), jnp.split(eps_online, 2)[0]
             a_t, s_t = (v[:, None, None, None] for v in self.schedule.alpha_sigma(t))
             a_s, s_s = (v[:, None, None, None] for v in self.schedule.alpha_sigma(s))
             z_s = jax.lax.stop_gradient(a_s * (z_t - s_t * eps_t) / a_t + s_s * eps_t)
@@ -452,10 +461,6 @@ class DiffCR(Method):
                 jax.lax.stop_gradient(context), z_s, s,
             )  # fmt: skip
             consistency = jnp.mean(jnp.square(f_t - jax.lax.stop_gradient(target)))
-            # ẑ_0 at z_t and at the decoder's real start state sqrt(ᾱ)·ĉ.
-            t0 = timesteps[0]
-            z_start = consistency_start_latent(self.schedule, c_hat, t0)
-            f_0, _ = self.consistency_f(params["fase"], unet, c_hat, context, z_start, t0)
             x0_mse = jnp.mean(jnp.square(f_t - z0)) + jnp.mean(jnp.square(f_0 - z0))
             lw = self.config.loss
             loss = (
@@ -525,9 +530,9 @@ class DiffCR(Method):
 class DiffCRCoding(BitstreamCoder):
     """Files of a DiffCR model: VQ indices (fixed bits), y (integer tables, fixed-point entropy
     parameters) and the side information (start index, colour codes); the header carries the
-    sampler steps. Decoding: entropy decoding (host) → g_s, ĉ and the context → the two-step
-    sampler (one jitted function) → VAE decoder and colour correction, timed separately
-    (`entropy_s`, `synthesis_s`, `denoise_s`, `vae_decode_s`)."""
+    sampler steps. Decoding: entropy decoding (host) → g_s and ĉ → the UNet's context and the
+    two-step sampler (one jitted function) → VAE decoder and colour correction, timed
+    separately (`entropy_s`, `synthesis_s`, `denoise_s`, `vae_decode_s`)."""
 
     stride = STRIDE
     num_streams = 3
@@ -544,18 +549,12 @@ class DiffCRCoding(BitstreamCoder):
             codes = colour_codes(x)[0] if method.colour else jnp.zeros((6,), jnp.int32)
             return y[0], comp.apply(comp_vars, z, method="hyper_indices")[0], enc["z0"], codes
 
-        def synthesise(params, comp_params, frozen, y_hat):
+        def synthesise(comp_params, frozen, y_hat):
             out8, _ = comp.apply({"params": comp_params}, y_hat, method="synthesise")
-            c_hat = method.c_hat(frozen, out8)
-            return c_hat, method.context(params, frozen, c_hat)
+            return method.c_hat(frozen, out8)
 
-        def start_index(comp_params, frozen, y_hat, z0):
-            c_hat, _ = comp.apply({"params": comp_params}, y_hat, method="synthesise")
-            return snr_start_index(
-                method.schedule, method.c_hat(frozen, c_hat), z0, method.grid_steps
-            )
-
-        def denoise(params, frozen, c_hat, context, timesteps):
+        def denoise(params, frozen, c_hat, timesteps):
+            context = method.context(params, frozen, c_hat)
             return method.sample(params, frozen, c_hat, context, timesteps)
 
         def vae_decode(frozen, z0, codes):
@@ -563,7 +562,6 @@ class DiffCRCoding(BitstreamCoder):
             return to_uint8(x01 if codes is None else colour_correct(x01, codes))
 
         self._analyse = jax.jit(analyse)
-        self._start = jax.jit(start_index)
         self._synthesise = jax.jit(synthesise)
         self._denoise = jax.jit(denoise)
         self._vae_decode = jax.jit(vae_decode)
@@ -587,7 +585,9 @@ class DiffCRCoding(BitstreamCoder):
         t1 = time.perf_counter()
         streams, y_hat, info = self.latent.encode(tables, y, idx)
         t2 = time.perf_counter()
-        start = int(self._start(comp["params"], frozen, jnp.asarray(y_hat)[None], z0)[0])
+        # ĉ as the decoder will have it (g_s on the entropy-decoded ŷ), then the start step.
+        c_hat = self._synthesise(comp["params"], frozen, jnp.asarray(y_hat)[None])
+        start = int(snr_start_index(m.schedule, c_hat, z0, m.grid_steps)[0])
         codes = np.asarray(codes) if m.colour else None
         streams.append(pack_side(start, codes))
         info |= {"start_index": start, "colour_codes": codes}
@@ -600,15 +600,68 @@ class DiffCRCoding(BitstreamCoder):
         y_hat, info = self.latent.decode(tables, streams[:2], (hw[0] // STRIDE, hw[1] // STRIDE))
         comp = m.compressor_variables(p, variables.state, frozen)
         t0 = time.perf_counter()
-        c_hat, context = jax.block_until_ready(
-            self._synthesise(p, comp["params"], frozen, jnp.asarray(y_hat)[None])
+        c_hat = jax.block_until_ready(
+            self._synthesise(comp["params"], frozen, jnp.asarray(y_hat)[None])
         )
         t1 = time.perf_counter()
         timesteps = jnp.asarray(m.timestep_table(steps)[start])
-        z0 = jax.block_until_ready(self._denoise(p, frozen, c_hat, context, timesteps))
+        z0 = jax.block_until_ready(self._denoise(p, frozen, c_hat, timesteps))
         t2 = time.perf_counter()
         codes = None if codes is None else jnp.asarray(codes)[None]
         image = np.asarray(self._vae_decode(frozen, z0, codes))[0]
         t3 = time.perf_counter()
         info |= {"start_index": start, "colour_codes": codes}
         return image, info | {"synthesis_s": t1 - t0, "denoise_s": t2 - t1, "vae_decode_s": t3 - t2}
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_official_cli(source, output, config_spec: str | None, *, sd: str | None = None) -> str:
+    """`jaxcodec import-weights --format diffcr CKPT OUT --sd SD_FOLDER [--config SPEC]`: an
+    official checkpoint (:mod:`jaxcodec.weights.diffcr`) → a stage-2 codec bundle (FaSE and
+    ProjLayer trained, the compressor a frozen stage-1 part; integer tables built from the
+    imported weights; the SD parts identified by digest from ``model.sd_path``). The default
+    config is `configs/diffcr.py:full,stage=2`."""
+    from jaxcodec.checkpoint import save_bundle
+    from jaxcodec.codec import build_bundle, load_frozen
+    from jaxcodec.configlib import load_config
+    from jaxcodec.weights import diffcr as converter
+
+    config = load_config(config_spec or "configs/diffcr.py:full,stage=2")
+    if sd:
+        config.model.sd_path = str(sd)
+    if not config.model.sd_path:
+        raise ValueError("import-weights --format diffcr needs --sd SD_FOLDER (SD 2.1-base)")
+    if int(config.stage) != 2:
+        raise ValueError("the released DiffCR models import into a stage-2 config")
+    method = DiffCR(config)
+    params, state, quant, report = converter.from_official(
+        converter.read_checkpoint(source),
+        method.compressor_config,
+        method.fase_config,
+        method.proj_dims,
+    )
+    need = {"compressor", "fase"} | ({"proj"} if method.proj_dims else set())
+    if need - set(params):
+        raise ValueError(f"{source} holds no {sorted(need - set(params))} of DiffCR")
+    stage1 = {"compressor": {"params": params.pop("compressor"), **state}}
+    frozen, identity = load_frozen(method, stage1, f"{source} (imported)")
+    for name, got in quant.items():  # ĉ uses the VAE's own quant_conv: they must agree
+        want = frozen["vae"][name]
+        for leaf in ("kernel", "bias"):
+            diff = np.abs(np.asarray(got[leaf]) - np.asarray(want[leaf])).max()
+            if diff > 1e-3 * max(np.abs(np.asarray(want[leaf])).max(), 1e-6):
+                raise ValueError(
+                    f"{source}: compress_model.{converter.QUANT[name]} differs from the VAE's "
+                    f"{name} in {config.model.sd_path} (max |Δ| {diff:.3g}): another SD VAE?"
+                )
+    bundle = build_bundle(method, config, params, {}, stage1, identity, step=0)
+    save_bundle(output, bundle)
+    counts = ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items())
+    ignored = f"; ignored {len(report['ignored'])} SD/schedule keys" if report["ignored"] else ""
+    return (
+        f"DiffCR codec bundle: {counts} parameters + codebook{ignored}; quant pair "
+        f"{'checked against the VAE' if quant else 'absent (the VAE’s is used)'}; "
+        "use it with jaxcodec compress/decompress/evaluate --checkpoint"
+    )
