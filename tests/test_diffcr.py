@@ -192,3 +192,29 @@ def test_official_checkpoint_round_trip(runs, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*argv, "--config", "configs/diffcr.py:tiny,stage=2"]) == 2
     assert "quant.qconv differs from the VAE's quant_conv" in capsys.readouterr().err
+
+
+def test_launcher_trains_every_rate_point(tmp_path):
+    """launch/diffcr_rates.sh with a recording stand-in for python: both stages of the four
+    rate points (stage 2 from stage 1), then one evaluation of the four final models."""
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), VARIANT="tiny")
+    root = tmp_path / "runs"
+    subprocess.run(["bash", "launch/diffcr_rates.sh", str(root), "--config.total_steps=5"],
+                   check=True, env=env, cwd=ROOT, timeout=30)  # fmt: skip
+    calls = log.read_text().splitlines()
+    assert len(calls) == 9
+    for i, lam in enumerate(("1", "0.5", "0.25", "0.1")):
+        stage1, stage2 = calls[2 * i].split(), calls[2 * i + 1].split()
+        assert f"configs/diffcr.py:tiny,stage=1,lambda_r={lam}" in stage1
+        assert f"configs/diffcr.py:tiny,stage=2,lambda_r={lam}" in stage2
+        assert f"--config.init_from={root}/lambda_{lam}/stage1" in stage2
+        assert stage1[-1] == stage2[-1] == "--config.total_steps=5"
+    evaluate = calls[-1].split()
+    assert evaluate[:2] == ["-m", "jaxcodec.evaluate"]
+    assert [a for a in evaluate if a.endswith("/stage2")] == [
+        f"{root}/lambda_{lam}/stage2" for lam in ("1", "0.5", "0.25", "0.1")
+    ]

@@ -20,7 +20,8 @@ CLIP weights (``'empty_prompt'``).
 Training (no public code; jaxcodec's design): stage 1 trains compressor + FaSE with the rate,
 λ·‖ĉ − z_0‖², a consistency loss against an EMA target FaSE (the latent-consistency recipe on
 the 50-step grid: the frozen UNet's DDIM step from t to t − 20 is the teacher) and ẑ_0 losses
-(the refined estimate at a noised z_t and at the decoder's real start state); stage 2 freezes
+(the refined estimate at a noised z_t and at the decoder's real start state), with the UNet's ε
+held constant in its input (no backward pass through the UNet); stage 2 freezes
 the compressor and trains FaSE through the real two-step sampler, the VAE decoder and the colour
 correction with MSE + LPIPS in pixel space. See configs/diffcr.py.
 """
@@ -365,16 +366,20 @@ class DiffCR(Method):
             {"params": params["proj"]}, tokens, deterministic=key is None, rngs=rngs
         )
 
-    def _refine(self, fase, unet, c_hat, context, z, t):
-        """The denoiser of the sampler: (FaSE's refined ẑ_0, the frozen UNet's ε)."""
-        eps = self.unet.apply({"params": unet}, z, t, context).astype(jnp.float32)
+    def _refine(self, fase, unet, c_hat, context, z, t, *, unet_input_grad: bool = True):
+        """The denoiser of the sampler: (FaSE's refined ẑ_0, the frozen UNet's ε).
+        ``unet_input_grad=False`` treats ε as constant in z (no backward pass through the UNet
+        but for the context's gradient; z still reaches ẑ_0 = (z − σε)/α directly)."""
+        z_in = z if unet_input_grad else jax.lax.stop_gradient(z)
+        eps = self.unet.apply({"params": unet}, z_in, t, context).astype(jnp.float32)
         a, s = self.schedule.alpha_sigma(t)
         x0 = (z - s[:, None, None, None] * eps) / a[:, None, None, None]
         return self.fase.apply({"params": fase}, x0, c_hat, t), eps
 
     def consistency_f(self, fase, unet, c_hat, context, z, t) -> tuple[jax.Array, jax.Array]:
-        """(f(z_t, t) — FaSE's estimate through the consistency boundary —, the UNet's ε)."""
-        f, eps = self._refine(fase, unet, c_hat, context, z, t)
+        """(f(z_t, t) — FaSE's estimate through the consistency boundary —, the UNet's ε), as
+        stage 1 trains it: ε constant in z (see `_refine`)."""
+        f, eps = self._refine(fase, unet, c_hat, context, z, t, unet_input_grad=False)
         return self.boundary(z, f, t), eps
 
     def sample(self, params, frozen, c_hat, context, timesteps, *, remat: bool = False):
