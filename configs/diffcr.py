@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             scale_factor=0.18215,
             condition="clip",  # 'clip': ProjLayer([CLIP image, prompt, base]); 'empty_prompt'
             clip_path="",  # open_clip ViT-H/14 folder (image tower) for condition='clip'
-            prompt=BASE_PROMPT,  # the decoder's text prompt (both prompt slots)
+            prompt=BASE_PROMPT,  # the decoder's text prompt (the public code's `txt`)
+            base_prompt=BASE_PROMPT,  # the public code's `base_txt_context`
             sigma_data=0.5,  # the consistency boundary's σ_data
             grid_steps=50,  # the DDIM grid the start step is chosen on
             colour_correction=True,  # send the 6 colour statistics and correct at the end

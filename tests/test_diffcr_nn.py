@@ -266,3 +266,43 @@ def test_side_information_and_colour_correction():
     c_mean, c_std = calc_mean_std(content)
     want = ((content - c_mean) / c_std * bitquant(s_std) + bitquant(s_mean)).clamp(0, 1)
     np.testing.assert_allclose(got, want.numpy().transpose(0, 2, 3, 1), atol=2e-6)
+
+
+def test_clip_condition_builds_the_context_from_the_decoded_image(tmp_path):
+    """model.condition='clip' (tiny sizes): the UNet's context is ProjLayer over [CLIP image
+    embedding of the decoded ĉ, prompt tokens, base-prompt tokens] — 1 + 2·L tokens; the first
+    follows the image, the text tokens do not (ProjLayer acts per token)."""
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import get_method
+    from jaxcodec.nn import clip
+    from jaxcodec.nn.vae import vae_param_shapes
+    from jaxcodec.weights import open_clip
+
+    cfg = {**clip.TINY, "embed_dim": 32}  # = the tiny UNet's cross-attention width
+    clip_config = clip.CLIPConfig.from_open_clip(cfg)
+    vision = dw.random_params(clip.vision_param_shapes(clip_config.vision), seed=3)
+    folder = tmp_path / "open_clip_tiny"
+    open_clip.save(folder, clip_config, cfg, vision_params=vision)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXCODEC_CACHE", str(tmp_path / "cache"))
+        config = load_config("configs/diffcr.py:tiny")
+    config.model.condition, config.model.clip_path = "clip", str(folder)
+    method = get_method(config)
+    assert method.proj_dims == (32, 32, 64)
+    loaded = nn.unbox(method.pretrained()["clip"].load())
+    jax.tree.map(np.testing.assert_array_equal, loaded, vision)
+    params = dw.random_params(
+        jax.eval_shape(method.init, jax.random.key(0), method.dummy_batch(1))["params"], seed=4
+    )
+    frozen = {
+        "vae": dw.random_params(vae_param_shapes(method.vae_config), seed=5),
+        "text": np.random.default_rng(6).normal(size=(2, 8, 32)).astype(np.float32),
+        "clip": loaded,
+    }
+    c_hat = jax.random.normal(jax.random.key(7), (2, 8, 8, 4))
+    context = jax.jit(method.context)(params, frozen, c_hat)
+    assert context.shape == (2, 1 + 8 + 8, 32)
+    other = jax.jit(method.context)(params, frozen, c_hat[::-1])
+    assert np.abs(np.asarray(context[0, 0] - other[0, 0])).max() > 1e-4  # the image token
+    np.testing.assert_allclose(context[0, 1:], other[0, 1:], atol=1e-6)  # the prompts
+    np.testing.assert_allclose(context[0, 1:], context[1, 1:], atol=1e-6)

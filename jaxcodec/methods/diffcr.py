@@ -230,7 +230,7 @@ class DiffCR(Method):
                 "diffusers folder (unet/, vae/, text_encoder/ or empty_prompt_embedding.npy)"
             )
         kw = dict(dtype=self.unet_config.dtype, remat=self.unet_config.remat)
-        prompts = [m.prompt, m.prompt] if self.condition == "clip" else [""]
+        prompts = [m.prompt, m.base_prompt] if self.condition == "clip" else [""]
 
         def text():
             from jaxcodec.nn.text import encode_prompt
@@ -489,7 +489,9 @@ class DiffCR(Method):
         else:
             from jaxcodec.metrics.lpips import lpips_distance
 
-            z0_hat = self.sample(params, frozen, c_hat, context, timesteps, remat=True)
+            z0_hat = self.sample(
+                params, frozen, c_hat, context, timesteps, remat=bool(self.config.model.remat)
+            )
             x_hat = (self._decode_latent(frozen, z0_hat) + 1.0) / 2.0
             if self.colour:
                 x_hat = colour_correct(x_hat, colour_codes(x01))
