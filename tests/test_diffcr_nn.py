@@ -248,8 +248,9 @@ def test_side_information_and_colour_correction():
     assert unpack_side(pack_side(5, None), False, 50) == (5, None)
     with pytest.raises(CodingError):
         unpack_side(pack_side(49, codes)[:7], True, 50)
-    with pytest.raises(CodingError):
-        unpack_side(pack_side(63, None), False, 50)
+    for bad in (pack_side(63, None), bytes([0b11000101])):  # off the grid; stray high bits
+        with pytest.raises(CodingError):
+            unpack_side(bad, False, 50)
     got = np.asarray(colour_correct(jnp.asarray(decoded), jnp.asarray(codes)[None]))
 
     def calc_mean_std(feat, eps=1e-5):  # the public code's, on NCHW

@@ -107,6 +107,8 @@ def colour_correct(x01: jax.Array, codes: jax.Array) -> jax.Array:
 def pack_side(start: int, codes: np.ndarray | None) -> bytes:
     """Side information: the start index (6 bits), then the means (9 bits each: up to 256) and
     standard deviations (8 bits: up to 128) — 57 bits in 8 bytes, or 1 byte without colour."""
+    if not 0 <= int(start) < 64:
+        raise ValueError(f"start index {start} does not fit 6 bits")
     value, shift = int(start), 6
     if codes is not None:
         for i, c in enumerate(np.asarray(codes, np.int64)):
@@ -123,19 +125,16 @@ def unpack_side(data: bytes, colour: bool, grid_steps: int) -> tuple[int, np.nda
     if len(data) != size:
         raise CodingError(f"side stream of {len(data)} bytes, expected {size}")
     value = int.from_bytes(data, "big")
-    start = value & 63
+    start, codes, shift = value & 63, [], 6
     if start >= grid_steps:
         raise CodingError(f"start index {start} outside the {grid_steps}-step grid")
-    if not colour:
-        return start, None
-    codes, shift = [], 6
-    for i in range(6):
+    for i in range(6 if colour else 0):
         width = 9 if i < 3 else 8
         codes.append((value >> shift) & ((1 << width) - 1))
         shift += width
     if value >> shift:
         raise CodingError("side stream has bits past its last field")
-    return start, np.asarray(codes, np.int32)
+    return start, np.asarray(codes, np.int32) if colour else None
 
 
 def clip_image_input(x01: jax.Array, vision: clip.VisionConfig) -> jax.Array:
@@ -173,9 +172,8 @@ class DiffCR(Method):
             num_codes=cc.num_codes,
             res_blocks=tuple(cc.res_blocks),
         )
-        self.fase_config = FaSEConfig(in_channels=self.vae_config.latent_channels,
-                                      out_channels=self.vae_config.latent_channels,
-                                      **m.fase.to_dict())  # fmt: skip
+        latent = self.vae_config.latent_channels
+        self.fase_config = FaSEConfig(in_channels=latent, out_channels=latent, **m.fase.to_dict())
         self.condition = m.condition
         if self.condition not in CONDITIONS:
             raise ValueError(f"model.condition must be one of {CONDITIONS}, not {self.condition!r}")
