@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
         root = tmp_path_factory.mktemp("diffcr")
         s1 = train_and_evaluate(_config("configs/diffcr.py:tiny", total_steps=30), root / "stage1")
         c2 = _config(
-            "configs/diffcr.py:tiny,stage=2", total_steps=30, init_from=str(root / "stage1")
+            "configs/diffcr.py:tiny,stage=2", total_steps=24, init_from=str(root / "stage1")
         )
         s2 = train_and_evaluate(c2, root / "stage2")
         yield {"root": root, "stage1": s1, "stage2": s2, "codec": load_codec(root / "stage2")}
