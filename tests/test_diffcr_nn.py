@@ -58,10 +58,9 @@ def test_compressor_matches_the_official_compressor_v3():
     weights, ref, meta = _reference("compressor")
     assert meta["args"]["cb_size"] == COMPRESSOR.num_codes
     params, state, quant, report = importer.from_official(weights, COMPRESSOR, FASE, None)
-    assert report["modules"] == ["compressor"] and report["quant"] == [
-        "post_quant_conv",
-        "quant_conv",
-    ]
+    assert report["modules"] == ["compressor"] and not report["ignored"]
+    assert report["quant"] == ["post_quant_conv", "quant_conv"]
+    assert "gaussian_conditional._quantized_cdf" in report["rebuilt"]  # listed, never read
     model = lc.LatentCompressor(COMPRESSOR)
     v = {"params": params["compressor"], **state}
     h = jnp.asarray(ref["h"], jnp.float32)

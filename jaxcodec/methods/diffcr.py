@@ -665,6 +665,8 @@ def import_official_cli(source, output, config_spec: str | None, *, sd: str | No
     save_bundle(output, bundle)
     counts = ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items())
     ignored = f"; ignored {len(report['ignored'])} SD/schedule keys" if report["ignored"] else ""
+    if report["rebuilt"]:
+        ignored += f"; not read (integer tables rebuilt): {', '.join(report['rebuilt'])}"
     return (
         f"DiffCR codec bundle: {counts} parameters + codebook{ignored}; quant pair "
         f"{'checked against the VAE' if quant else 'absent (the VAE’s is used)'}; "

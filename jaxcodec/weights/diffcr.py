@@ -248,10 +248,12 @@ def from_official(
     if "compressor" in groups:
         comp = groups["compressor"]
         model_state["vq_stats"] = vq_state(comp[CODEBOOK_KEY], comp.get(EMBED_PROB_KEY))
+    rebuilt = sorted(k for k in groups.get("compressor", {}) if k in REBUILT_BUFFERS)
     report = {
         "modules": sorted(groups),
         "parameters": {m: sum(v.size for v in f.values()) for m, f in flat.items()},
-        "ignored": ignored,
+        "ignored": ignored,  # SD parts and schedule buffers, by name
+        "rebuilt": rebuilt,  # CompressAI's float CDF buffers: integer tables are built instead
         "quant": sorted(quant),
     }
     return params, model_state, quant, report
