@@ -306,3 +306,44 @@ def test_clip_condition_builds_the_context_from_the_decoded_image(tmp_path):
     assert np.abs(np.asarray(context[0, 0] - other[0, 0])).max() > 1e-4  # the image token
     np.testing.assert_allclose(context[0, 1:], other[0, 1:], atol=1e-6)  # the prompts
     np.testing.assert_allclose(context[0, 1:], context[1, 1:], atol=1e-6)
+
+
+def test_two_step_sampler_follows_the_public_crsampler():
+    """consistency_sample with DiffCR's denoiser contract — (refined ẑ_0, the UNet's ε) — and a
+    start step per example equals the public CRSampler loop written out in float64: start
+    sqrt(ᾱ)·ĉ, then per step ε → ẑ_0 → F → f = c_skip·z + c_out·F → sqrt(ᾱ')·f + sqrt(1−ᾱ')·ε."""
+    sched = dd.scaled_linear_schedule()
+    ab = np.asarray(sched.alphas_cumprod, np.float64)
+    rng = np.random.default_rng(0)
+    c_hat = rng.normal(size=(3, 6, 10, 4)).astype(np.float32)
+    starts = np.array([30, 2, 49])
+    table = dd.consistency_timestep_table(2)
+    ts = table[starts].T  # (S, B)
+    eps_fn = lambda z, t: np.sin(z) * (1 + t[:, None, None, None] / 1000)  # noqa: E731
+    refine = lambda x0, t: 0.8 * x0 + 0.05 * np.cos(x0)  # noqa: E731
+
+    def denoise(z, t):
+        eps = jnp.sin(z) * (1 + t[:, None, None, None] / 1000)
+        a, s = sched.alpha_sigma(t)
+        x0 = (z - s[:, None, None, None] * eps) / a[:, None, None, None]
+        return 0.8 * x0 + 0.05 * jnp.cos(x0), eps
+
+    z = dd.consistency_start_latent(sched, jnp.asarray(c_hat), jnp.asarray(ts[0]))
+    got = np.asarray(dd.consistency_sample(denoise, sched, z, jnp.asarray(ts)))
+
+    x = np.sqrt(ab[ts[0]])[:, None, None, None] * c_hat.astype(np.float64)
+    for i in range(ts.shape[0]):
+        t = ts[i]
+        a, s = (np.sqrt(v)[:, None, None, None] for v in (ab[t], 1 - ab[t]))
+        eps = eps_fn(x, t)
+        e_t = refine((x - s * eps) / a, t)
+        c_skip = 0.25 / ((t / 0.1) ** 2 + 0.25)
+        c_out = (t / 0.1) / np.sqrt((t / 0.1) ** 2 + 0.25)
+        f = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * e_t
+        if i + 1 == ts.shape[0]:
+            x = f
+        else:
+            prev = ab[ts[i + 1]][:, None, None, None]
+            x = np.sqrt(prev) * f + np.sqrt(1 - prev) * eps
+    np.testing.assert_allclose(got, x, rtol=2e-5, atol=2e-5)
+    assert ts[:, 1].tolist() == [59, 39]  # start 2 is raised to steps + 1 = 3
