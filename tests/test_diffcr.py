@@ -111,8 +111,10 @@ def test_files_round_trip_in_a_fresh_process(runs, tmp_path):
         "c = load_codec(sys.argv[1]); im = c.decompress(open(sys.argv[2], 'rb').read())\n"
         "np.savez(sys.argv[3], image=im, symbols=c.last_info['y_symbols'])\n"
     )
+    # The same XLA:CPU configuration as this process (its 8 host devices): FaSE's dense blocks
+    # round differently with 1 host device (ẑ_0 within 5e-7, a pixel or two off by one), as
+    # float decoders may across configurations; the entropy-decoded latents are exact anyway.
     env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     subprocess.run(
         [sys.executable, "-c", script, str(runs["root"] / "stage2"), str(tmp_path / "a.jxc"),
          str(tmp_path / "out.npz")],
