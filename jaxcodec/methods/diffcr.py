@@ -396,11 +396,8 @@ class DiffCR(Method):
         """ĉ, start indices [B], colour codes [B, 6] or None → images in [0, 1]: context, the
         sampler, the VAE decoder and the colour correction — the decoder's whole float path."""
         timesteps = self.timestep_table(steps)[start].T
-        context = self.context(params, frozen, c_hat)
-        x01 = (
-            self._decode_latent(frozen, self.sample(params, frozen, c_hat, context, timesteps))
-            + 1.0
-        ) / 2.0
+        z0 = self.sample(params, frozen, c_hat, self.context(params, frozen, c_hat), timesteps)
+        x01 = (self._decode_latent(frozen, z0) + 1.0) / 2.0
         return x01 if codes is None else colour_correct(x01, codes)
 
     # --- Training ------------------------------------------------------------------------
@@ -408,7 +405,7 @@ class DiffCR(Method):
     def loss(self, params, frozen, state, batch: Batch, rng: jax.Array):
         x01 = to_float(batch["image"])
         x = x01 * 2.0 - 1.0
-        k_post, k_y, k_vq, k_n, k_eps, k_drop = jax.random.split(fast_key(rng), 6)
+        k_post, k_y, k_vq, k_n, k_drop = jax.random.split(fast_key(rng), 5)
         enc = self._encode(frozen, x)
         z0 = enc["z0"] + enc["std"] * jax.random.normal(k_post, enc["z0"].shape)
         lam = float(self.config.loss.lambda_r)
