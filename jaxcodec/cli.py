@@ -193,7 +193,9 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--config", default=None, help="config whose model it is (default: per format)")
     p.add_argument(
-        "--sd", default=None, help="rdeic, resulic: the SD 2.1-base diffusers folder it runs on"
+        "--sd",
+        default=None,
+        help="rdeic, resulic, diffcr: the SD 2.1-base diffusers folder it runs on",
     )
     p.add_argument(
         "--control-scale",

@@ -1,10 +1,10 @@
 """`jaxcodec import-weights --format F SOURCE OUTPUT`: public checkpoints → jaxcodec files.
 
 The converters in :mod:`jaxcodec.weights` only map foreign state dicts to parameters; this
-command layer builds what a user runs: a VQGAN weights file (``vqgan``) or a codec bundle with
-its integer entropy tables (``rdeic``, ``resulic``, ``diffo``). Every importer returns a report
-that names every key of the checkpoints it left out, with the reason (by count where there are
-hundreds).
+command layer builds what a user runs: a VQGAN weights file (``vqgan``) or a codec bundle
+with its integer entropy tables (``rdeic``, ``resulic``, ``diffcr``, ``diffo``). Every importer
+returns a report that names every key of the checkpoints it left out, with the reason (by count
+where there are hundreds).
 
 - ``vqgan``: taming's VQGAN (DiffO's GT latent space) → a file for ``model.vqgan_path``.
 - ``rdeic``: an official RDEIC checkpoint (or a bare ``Compression`` / ``NoiseEstimator`` state
@@ -12,6 +12,8 @@ hundreds).
   official run-time ``control_scale`` is ``--control-scale``.
 - ``resulic``: an official ResULIC checkpoint (ELIC + CDDM, or either alone) + SD 2.1-base from
   ``--sd`` → a codec bundle of one rate point (``add_steps`` in ``--config``).
+- ``diffcr``: an official DiffCR checkpoint (compressor, FaSE, ProjLayer) + SD 2.1-base from
+  ``--sd`` → a stage-2 codec bundle (the compressor a frozen stage-1 part).
 - ``diffo``: DiffO's Swin-UNet (``ema_model_*.pth``) + base-code autoencoder (``--base
   vq_model_*.pth.tar``) + an imported VQGAN (``--vqgan``) → a codec bundle.
 """
@@ -271,11 +273,65 @@ def import_resulic(
     return "\n".join(lines)
 
 
+def import_diffcr(source, output, config_spec: str | None = None, *, sd: str | None = None) -> str:
+    """`jaxcodec import-weights --format diffcr CKPT OUT --sd SD_FOLDER [--config SPEC]`: an
+    official checkpoint (:mod:`jaxcodec.weights.diffcr`) → a stage-2 codec bundle (FaSE and
+    ProjLayer trained, the compressor a frozen stage-1 part; integer tables built from the
+    imported weights; the SD parts identified by digest from ``model.sd_path``). The default
+    config is `configs/diffcr.py:full,stage=2`."""
+    from jaxcodec.checkpoint import save_bundle
+    from jaxcodec.codec import build_bundle, load_frozen
+    from jaxcodec.configlib import load_config
+    from jaxcodec.methods import get_method
+    from jaxcodec.weights import diffcr as converter
+
+    config = load_config(config_spec or "configs/diffcr.py:full,stage=2")
+    if sd:
+        config.model.sd_path = str(sd)
+    if not config.model.sd_path:
+        raise ValueError("import-weights --format diffcr needs --sd SD_FOLDER (SD 2.1-base)")
+    if int(config.stage) != 2:
+        raise ValueError("the released DiffCR models import into a stage-2 config")
+    method = get_method(config)
+    params, state, quant, report = converter.from_official(
+        converter.read_checkpoint(source),
+        method.compressor_config,
+        method.fase_config,
+        method.proj_dims,
+    )
+    need = {"compressor", "fase"} | ({"proj"} if method.proj_dims else set())
+    if need - set(params):
+        raise ValueError(f"{source} holds no {sorted(need - set(params))} of DiffCR")
+    stage1 = {"compressor": {"params": params.pop("compressor"), **state}}
+    frozen, identity = load_frozen(method, stage1, f"{source} (imported)")
+    for name, got in quant.items():  # ĉ uses the VAE's own quant_conv: they must agree
+        want = frozen["vae"][name]
+        for leaf in ("kernel", "bias"):
+            diff = np.abs(np.asarray(got[leaf]) - np.asarray(want[leaf])).max()
+            if diff > 1e-3 * max(np.abs(np.asarray(want[leaf])).max(), 1e-6):
+                raise ValueError(
+                    f"{source}: compress_model.{converter.QUANT[name]} differs from the VAE's "
+                    f"{name} in {config.model.sd_path} (max |Δ| {diff:.3g}): another SD VAE?"
+                )
+    bundle = build_bundle(method, config, params, {}, stage1, identity, step=0)
+    save_bundle(output, bundle)
+    counts = ", ".join(f"{k} {v:,}" for k, v in report["parameters"].items())
+    ignored = f"; ignored {len(report['ignored'])} SD/schedule keys" if report["ignored"] else ""
+    if report["rebuilt"]:
+        ignored += f"; not read (integer tables rebuilt): {', '.join(report['rebuilt'])}"
+    return (
+        f"DiffCR codec bundle: {counts} parameters + codebook{ignored}; quant pair "
+        f"{'checked against the VAE' if quant else 'absent (the VAE’s is used)'}; "
+        "use it with jaxcodec compress/decompress/evaluate --checkpoint"
+    )
+
+
 FORMATS: dict[str, Callable[..., str]] = {
     "vqgan": import_vqgan,
     "rdeic": import_rdeic,
     "diffo": import_diffo,
     "resulic": import_resulic,
+    "diffcr": import_diffcr,
 }
 
 

@@ -29,6 +29,8 @@ from jaxcodec.diffusion.samplers import (
     as_denoiser,
     consistency_sample,
     consistency_start_latent,
+    consistency_timestep_table,
+    consistency_timesteps,
     continuous_sample,
     ddim_sample,
     ddim_step,
@@ -37,6 +39,7 @@ from jaxcodec.diffusion.samplers import (
     relay_sample,
     relay_start_latent,
     residual_shift_sample,
+    snr_start_index,
 )
 from jaxcodec.diffusion.schedules import (
     DiscreteSchedule,
@@ -61,6 +64,8 @@ __all__ = [
     "as_denoiser",
     "consistency_sample",
     "consistency_start_latent",
+    "consistency_timestep_table",
+    "consistency_timesteps",
     "continuous_sample",
     "convert",
     "ddim_sample",
@@ -84,6 +89,7 @@ __all__ = [
     "residual_shift_training_sample",
     "resshift_schedule",
     "scaled_linear_schedule",
+    "snr_start_index",
     "spaced_timesteps",
     "to_x0_eps",
 ]
