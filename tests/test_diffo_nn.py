@@ -201,7 +201,11 @@ def test_imported_taming_vqgan_matches_diffusers(taming_checkpoint, tmp_path):
     ref, path, _ = taming_checkpoint
     config = VAEConfig(**TINY_VQ)
     info = taming.import_vqgan(path, tmp_path / "vqgan.safetensors", config)
-    assert info["dropped"] == ["loss"] and info["codebook"] == (16, 8)
+    assert info["codebook"] == (16, 8)
+    assert list(info["skipped"]) == [taming.LOSS_REASON]
+    assert info["skipped"][taming.LOSS_REASON] and all(
+        k.startswith("loss.") for k in info["skipped"][taming.LOSS_REASON]
+    )
     params = taming.load_vqgan(tmp_path / "vqgan.safetensors", config)
     other = VAEConfig(**{**TINY_VQ, "layers_per_block": 2})
     with pytest.raises(Exception, match="another architecture"):
