@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxcodec.compilation_cache import enable_compilation_cache
+
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
 
@@ -25,26 +27,6 @@ def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], Non
         return fn
 
     return wrap
-
-
-def enable_compilation_cache() -> str | None:
-    """Keeps XLA's compiled decoders on disk between calls (one compilation per model and
-    image size, not per call): `JAXCODEC_COMPILATION_CACHE` names the folder (default
-    ~/.cache/jaxcodec/xla), `0` or an empty value turns it off; JAX's own
-    `JAX_COMPILATION_CACHE_DIR`, when set, wins."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    path = os.environ.get(
-        "JAXCODEC_COMPILATION_CACHE", os.path.join("~", ".cache", "jaxcodec", "xla")
-    )
-    if path in ("", "0"):
-        return None
-    import jax
-
-    path = os.path.expanduser(path)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -217,7 +199,7 @@ def _import_weights(args) -> int:
 
 
 def _shardings_args(p: argparse.ArgumentParser) -> None:
-    from jaxcodec.sharding import add_report_arguments
+    from jaxcodec.sharding_report import add_report_arguments
 
     add_report_arguments(p)
 
@@ -225,7 +207,7 @@ def _shardings_args(p: argparse.ArgumentParser) -> None:
 @subcommand("shardings", _shardings_args)
 def _shardings(args) -> int:
     """Every parameter's logical axes, mesh partitioning and bytes per device (from shapes)."""
-    from jaxcodec.sharding import print_report
+    from jaxcodec.sharding_report import print_report
 
     return print_report(args)
 
