@@ -5,6 +5,13 @@ MODEL is a codec bundle (`.safetensors`) or a finished training workdir (its
 `codec.safetensors`). Subcommands register themselves in `SUBCOMMANDS`; others plug in the
 same way. Outputs are written to a temporary file in the target folder and renamed only
 on success, so a failed run never leaves a partial or stale output behind.
+
+Many files, one process: `compress DIR OUTDIR` (or `compress a.png b.png OUTDIR`) and
+`decompress DIR OUTDIR` load the model once and code images of one padded size together
+(`--batch-size`); the files are the ones one-file calls write. A file that cannot be read or
+decoded is skipped with a message naming it and the others go on; the exit status is then 1.
+Exit status 2: nothing was done (bad arguments, an output that is a file, a folder mixed with
+files, an unreadable model).
 """
 
 import argparse
