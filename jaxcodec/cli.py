@@ -28,6 +28,10 @@ from jaxcodec.compilation_cache import enable_compilation_cache
 
 SUBCOMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
+# Images per device call of the many-file form on an accelerator. XLA:CPU is no faster with
+# batches (its convolutions already use every core; benchmarks/batch_cli.py), so there it is 1.
+ACCELERATOR_BATCH = 8
+
 
 def subcommand(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
     def wrap(fn):
@@ -117,8 +121,9 @@ def _codec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=8,
-        help="many inputs: images of one padded size coded together on the device (default 8)",
+        default=None,
+        help="many inputs: images of one padded size coded together on the device (default: "
+        f"{ACCELERATOR_BATCH} on a GPU or TPU, 1 on a CPU, where batches are no faster)",
     )
     p.add_argument(
         "--quiet", action="store_true", help="many inputs: no progress bar, no line per file"
@@ -188,8 +193,13 @@ def _decompress(args) -> int:
 
 
 def _input_output(args) -> tuple[list[str], str]:
+    """(inputs, output) of the paths; resolves the default batch size."""
     if len(args.paths) < 2:
         raise ValueError(f"{args.command} needs an input and an output, got {args.paths}")
+    if args.batch_size is None:
+        import jax
+
+        args.batch_size = 1 if jax.default_backend() == "cpu" else ACCELERATOR_BATCH
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: use 1 or more")
     return args.paths[:-1], args.paths[-1]
