@@ -7,6 +7,7 @@ name` is an edge to `pkg.name` when that is a module of the package, else to `pk
 """
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxcodec"
@@ -44,6 +45,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     return deps
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     modules = module_files()
     return {name: imported_modules(name, path, modules) for name, path in modules.items()}
