@@ -12,7 +12,10 @@ stage 2 — DiffO: the VQGAN frozen (from `--config.init_from=STAGE1_WORKDIR` or
 tiny — minutes on a 2-core CPU (scikit-image photos, 64-pixel crops, small networks).
 full — the official sizes (configs/config.yaml of the public code): VQGAN ch 128 ×[1,1,2,2,4],
        16384 codes; base-code autoencoder ch 128 ×[4]; Swin-UNet 160 ×[1,2,2,4], 119.5 M
-       parameters; lr 5e-5, batch 8, 256 crops, EMA 0.999.
+       parameters, with the official code's shifted-window mask (`swin_shift_mask="resshift"`,
+       which its weights need); lr 5e-5, batch 8, 256 crops, EMA 0.999. The official weights
+       import as a codec bundle: `jaxcodec import-weights --format vqgan GT_VQ.pth.tar VQGAN`,
+       then `--format diffo EMA_MODEL.pth OUT --base VQ_MODEL.pth.tar --vqgan VQGAN`.
 
 Rate points: `model.rvq_stages` residual VQ stages; rate point r sends the first r + 1 stages and
 decodes at noise level `model.noise_levels[r]` (rate-adaptive noise modulation: more noise at the
@@ -100,7 +103,10 @@ def _unet(variant: str) -> ml_collections.ConfigDict:
             swin_mid_window_size=2,
             swin_depth=2,
             swin_mlp_ratio=4.0,
-            swin_shift_mask="full",
+            # Shifted-window mask: the official weights need "resshift", the mask ResShift's
+            # code computes (rows only, tokens column-major inside a window; nn/swin.py);
+            # "full" is Swin's own 3×3 region mask.
+            swin_shift_mask="resshift" if full else "full",
             remat=False,
         )
     )

@@ -418,32 +418,41 @@ def _export(args) -> int:
     return 0
 
 
-# `import-weights --format NAME`: converters of public checkpoints, as "module:function"
-# taking (source, output, config spec or None) and returning a one-line report.
-IMPORT_FORMATS: dict[str, str] = {
-    "vqgan": "jaxcodec.weights.taming:import_vqgan_cli",
-    "rdeic": "jaxcodec.weights.rdeic:import_rdeic_cli",  # also takes --sd
-}
-
-
 def _import_args(p: argparse.ArgumentParser) -> None:
+    from jaxcodec.importers import FORMATS
+
     p.add_argument("source", help="the public checkpoint (.safetensors, .ckpt, .pth)")
-    p.add_argument("output", help="the weights file in jaxcodec's format")
-    p.add_argument("--format", required=True, choices=sorted(IMPORT_FORMATS))
+    p.add_argument("output", help="the weights file or codec bundle in jaxcodec's format")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--config", default=None, help="config whose model it is (default: per format)")
-    p.add_argument("--sd", default=None, help="rdeic: the SD 2.1-base diffusers folder it runs on")
+    p.add_argument(
+        "--sd",
+        default=None,
+        help="rdeic, resulic, diffcr: the SD 2.1-base diffusers folder it runs on",
+    )
+    p.add_argument(
+        "--control-scale",
+        type=float,
+        default=None,
+        help="rdeic: the official run-time control_scale (config value; default 1)",
+    )
+    p.add_argument("--base", default=None, help="diffo: the base-code autoencoder checkpoint")
+    p.add_argument(
+        "--vqgan", default=None, help="diffo: the VQGAN file of --format vqgan (GT latent space)"
+    )
 
 
 @subcommand("import-weights", _import_args)
 def _import_weights(args) -> int:
-    import importlib
+    """Converts a public checkpoint (see jaxcodec.importers); the report names every key left
+    out."""
+    from jaxcodec.importers import run
 
-    module, _, name = IMPORT_FORMATS[args.format].partition(":")
-    convert = getattr(importlib.import_module(module), name)
-    extra = {"sd": args.sd} if args.sd else {}
+    options = dict(sd=args.sd, control_scale=args.control_scale, base=args.base, vqgan=args.vqgan)
     report = []
     atomic_write(
-        args.output, lambda tmp: report.append(convert(args.source, tmp, args.config, **extra))
+        args.output,
+        lambda tmp: report.append(run(args.format, args.source, tmp, args.config, **options)),
     )
     print(f"{args.output}: {report[0]}")
     return 0

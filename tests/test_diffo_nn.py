@@ -1,7 +1,8 @@
 """DiffO's networks against the official ones: parameter counts of the full configs, every
 official state-dict key importable with its shape, taming's VQGAN layout through a real torch
 checkpoint against diffusers' VQModel, the Swin layer against a direct computation, the FiLM
-resnet against diffusers, and a checkpoint that would run code if unpickled naively."""
+resnet against diffusers, and a checkpoint that would run code if unpickled naively. Parity
+with the official modules themselves: tests/test_parity_diffo.py."""
 
 from __future__ import annotations
 
@@ -91,9 +92,12 @@ def test_every_official_key_imports_with_its_shape(full):
     assert codebook.shape == (16384, 256) and _count(params) == 71_879_555
     unet = _official_state("diffo_unet_swin_keys.txt")
     autoencoder = _official_state("diffo_emavq_autoencoder_keys.txt")
-    params, state = taming.diffo_params(
+    params, state, report = taming.diffo_params(
         unet, autoencoder, shapes["params"], layers_per_block=2, num_levels=4
     )
+    # the 27 buffers (18 relative-position indices, 9 shift masks) are skipped by name
+    (skipped,) = report["skipped"].values()
+    assert len(skipped) == 27 and "input_blocks.1.1.blocks.1.attn_mask" in skipped
     unboxed = nn.unbox(shapes)
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, unboxed["params"])
     # the official model has one VQ stage (rate point 0); later stages keep their init
@@ -258,11 +262,14 @@ def _swin_block_reference(p, x, heads, ws, shift, mask, groups):
             for t, (a, b) in enumerate(keys):
                 rel = (i % ws - a % ws + ws - 1) * (2 * ws - 1) + (j % ws - b % ws + ws - 1)
                 logits[:, :, t] += table[rel]
-                if shift:
-                    same_row = _band(i, h, ws, shift) == _band(a, h, ws, shift)
-                    same_col = _band(j, w, ws, shift) == _band(b, w, ws, shift)
-                    if not (same_row and (same_col or mask == "rows")):
-                        logits[:, :, t] += swin.MASK_VALUE
+                if shift and mask == "full":  # Swin's regions of the rolled frame
+                    same = _band(i, h, ws, shift) == _band(a, h, ws, shift)
+                    same &= _band(j, w, ws, shift) == _band(b, w, ws, shift)
+                elif shift:  # ResShift's: the row band of the in-window column's row
+                    top = i // ws * ws
+                    same = _band(top + j % ws, h, ws, shift) == _band(top + b % ws, h, ws, shift)
+                if shift and not same:
+                    logits[:, :, t] += swin.MASK_VALUE
             prob = np.exp(logits - logits.max(-1, keepdims=True))
             prob /= prob.sum(-1, keepdims=True)
             out[:, i, j] = np.einsum(
@@ -277,7 +284,7 @@ def _swin_block_reference(p, x, heads, ws, shift, mask, groups):
     return x + y @ fc2["kernel"][0, 0] + fc2["bias"]
 
 
-@pytest.mark.parametrize("mask", ["full", "rows"])
+@pytest.mark.parametrize("mask", ["full", "resshift"])
 def test_swin_block_matches_a_direct_computation(mask):
     block = swin.SwinBlock(dim=16, heads=2, window=4, shift=2, groups=4, shift_mask=mask)
     x = jax.random.normal(jax.random.key(0), (1, 8, 12, 16))
@@ -286,22 +293,6 @@ def test_swin_block_matches_a_direct_computation(mask):
     got = block.apply({"params": jax.tree.map(jnp.asarray, params)}, x)
     want = _swin_block_reference(params, np.asarray(x, np.float64), 2, 4, 2, mask, 4)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
-
-
-def test_rows_mask_is_resshifts_own():
-    """ResShift's calculate_mask indexes img_mask[:, h, w, :] of a (1, 1, H, W) tensor: the
-    first slice hits the size-1 axis, so only rows are told apart."""
-    h, w, ws, s = 8, 12, 4, 2
-    img = torch.zeros((1, 1, h, w))
-    cnt = 0
-    for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-        for vs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            img[:, hs, vs, :] = cnt
-            cnt += 1
-    ids = img[0, 0].reshape(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
-    theirs = torch.where(ids[:, None, :] == ids[:, :, None], 0.0, -100.0).numpy()
-    np.testing.assert_array_equal(swin.shift_attention_mask(h, w, ws, s, "rows"), theirs)
-    assert not np.array_equal(swin.shift_attention_mask(h, w, ws, s, "full"), theirs)
 
 
 def test_scale_shift_resnet_matches_diffusers():

@@ -74,6 +74,9 @@ def default_data_config(**overrides: Any) -> ml_collections.ConfigDict:
             # Sources whose decoded pixels fit this budget are decoded once and kept in memory
             # (skimage always; folders by size estimate from headers; tfds never).
             cache_max_mb=1024,
+            # A JSON {image name: caption}: each example also carries 'caption_ids', the
+            # CLIP tokens of its caption (the empty prompt where it has none).
+            captions="",
         )
     )
     for key, value in overrides.items():
@@ -168,8 +171,25 @@ class _TrainTransform:
     def __init__(self, crop: int, policy: str, random_flip: bool):
         self.crop, self.policy, self.random_flip = crop, policy, random_flip
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"image": random_crop_flip(image, rng, self.crop, self.policy, self.random_flip)}
+    def __call__(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        extra = {}
+        if isinstance(element, dict):  # an image with per-example fields (_WithCaptions)
+            element, extra = element["image"], {k: v for k, v in element.items() if k != "image"}
+        image = random_crop_flip(element, rng, self.crop, self.policy, self.random_flip)
+        return {"image": image, **extra}
+
+
+class _WithCaptions:
+    """A source whose examples are {'image', 'caption_ids'} (grain random access)."""
+
+    def __init__(self, source: ImageSource, ids: np.ndarray):
+        self.source, self.ids = source, ids
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": self.source[index], "caption_ids": self.ids[index]}
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -223,7 +243,8 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Infinite iterator of {'image': uint8 [global_batch_size // process_count, crop, crop, 3]}.
+    """Infinite iterator of {'image': uint8 [global_batch_size // process_count, crop, crop, 3]}
+    (and 'caption_ids' int32 [..., 77] with `cfg.captions`).
 
     See the module docstring for how batches are assigned to processes. get_state() returns a
     JSON-serialisable dict; set_state() on a fresh iterator resumes at the next batch.
@@ -261,8 +282,13 @@ def make_train_iterator(
 
     shuffle_seed, crop_seed = _derive_seeds(seed)
     transform = _TrainTransform(crop, policy, bool(_get(cfg, "random_flip")))
+    n = len(source)
+    if _get(cfg, "captions"):
+        from jaxcodec.data.captions import caption_ids
+
+        source = _WithCaptions(source, caption_ids(source.names, _get(cfg, "captions")))
     ds = grain.MapDataset.source(source)
-    if len(source) <= _NUMPY_SHUFFLE_MAX:
+    if n <= _NUMPY_SHUFFLE_MAX:
         ds = _EpochShuffle(ds, shuffle_seed)
     else:
         ds = ds.shuffle(seed=shuffle_seed).repeat()

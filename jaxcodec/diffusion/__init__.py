@@ -14,6 +14,7 @@ from jaxcodec.diffusion.losses import (
     relay_lambda,
     relay_loss,
     relay_training_sample,
+    relay_x0_from_eps,
     residual_shift_training_sample,
 )
 from jaxcodec.diffusion.parameterization import (
@@ -28,6 +29,8 @@ from jaxcodec.diffusion.samplers import (
     as_denoiser,
     consistency_sample,
     consistency_start_latent,
+    consistency_timestep_table,
+    consistency_timesteps,
     continuous_sample,
     ddim_sample,
     ddim_step,
@@ -36,6 +39,7 @@ from jaxcodec.diffusion.samplers import (
     relay_sample,
     relay_start_latent,
     residual_shift_sample,
+    snr_start_index,
 )
 from jaxcodec.diffusion.schedules import (
     DiscreteSchedule,
@@ -60,6 +64,8 @@ __all__ = [
     "as_denoiser",
     "consistency_sample",
     "consistency_start_latent",
+    "consistency_timestep_table",
+    "consistency_timesteps",
     "continuous_sample",
     "convert",
     "ddim_sample",
@@ -77,11 +83,13 @@ __all__ = [
     "relay_sample",
     "relay_start_latent",
     "relay_training_sample",
+    "relay_x0_from_eps",
     "residual_shift_sample",
     "residual_shift_schedule",
     "residual_shift_training_sample",
     "resshift_schedule",
     "scaled_linear_schedule",
+    "snr_start_index",
     "spaced_timesteps",
     "to_x0_eps",
 ]

@@ -141,6 +141,27 @@ def relay_training_sample(
     return z_t, t, eps_tilde
 
 
+def relay_x0_from_eps(
+    schedule: DiscreteSchedule,
+    z_t: jax.Array,
+    t: jax.Array,
+    eps: jax.Array,
+    z_c: jax.Array,
+    relay_start: int = 300,
+) -> jax.Array:
+    """ResULIC's compression-aware reading of an ε-prediction: the relay forward process
+    ``z_t = α_t z_0 + σ_t (ε + (z_c − z_0)/λ)`` solved for z_0 given the *pure* noise ε (what its
+    network predicts), ``ẑ_0 = (z_t − σ_t (ε + z_c/λ)) / (α_t − σ_t/λ)``; at the start index
+    N − 1 the process is z_c's alone and ẑ_0 = z_c."""
+    lam = relay_lambda(schedule, relay_start)
+    alpha, sigma = schedule.alpha_sigma(t)
+    alpha, sigma = _bcast(alpha, z_t), _bcast(sigma, z_t)
+    at_start = _bcast(jnp.asarray(t) == relay_start - 1, z_t)
+    denom = jnp.where(at_start, 1.0, alpha - sigma / lam)
+    x0 = (z_t - sigma * (eps + z_c / lam)) / denom
+    return jnp.where(at_start, z_c, x0).astype(z_t.dtype)
+
+
 def relay_loss(
     eps_pred: jax.Array,
     z_t: jax.Array,

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 
 from jaxcodec.diffusion.parameterization import ConsistencyBoundary, Prediction, to_x0_eps
@@ -141,10 +142,14 @@ def _chain(
     def body(z, xs):
         t, a_t, s_t, a_s, s_s, k = xs
         pred = call(denoise, z, jnp.broadcast_to(t, (batch,)))
+        pred, eps_hat = pred if isinstance(pred, tuple) else (pred, None)
+        if eps_hat is not None and boundary is None:
+            raise ValueError("a denoiser returns (prediction, ε̂) only under a consistency boundary")
         x0, eps = to_x0_eps(pred, prediction, z, a_t, s_t)
         if boundary is not None:
             x0 = boundary(z, x0, t)
-            eps = (z - a_t * x0) / s_t
+            # the DDIM move re-noises with the ε implied by f, or with the denoiser's own ε̂
+            eps = (z - _bcast(a_t, z) * x0) / _bcast(s_t, z) if eps_hat is None else eps_hat
         noise = None if k is None else jax.random.normal(k, z.shape, z.dtype)
         z_next = ddim_step(x0, eps, a_t, s_t, a_s, s_s, eta=eta, noise=noise)
         return z_next.astype(z.dtype), None
@@ -160,10 +165,12 @@ def _discrete_chain_coefs(
     index ``final_index``, or to the clean state (α = 1, σ = 0) when it is None."""
     sa, s1ma = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
     nxt = ts[1:]
+    end = (1, *ts.shape[1:])  # per-example timesteps (S, B): the last move per example too
     if final_index is None:
-        a_end, s_end = jnp.ones((1,), sa.dtype), jnp.zeros((1,), sa.dtype)
+        a_end, s_end = jnp.ones(end, sa.dtype), jnp.zeros(end, sa.dtype)
     else:
-        a_end, s_end = sa[final_index][None], s1ma[final_index][None]
+        a_end = jnp.broadcast_to(sa[final_index], end)
+        s_end = jnp.broadcast_to(s1ma[final_index], end)
     alpha_s = jnp.concatenate([sa[nxt], a_end])
     sigma_s = jnp.concatenate([s1ma[nxt], s_end])
     return sa[ts], s1ma[ts], alpha_s, sigma_s
@@ -273,6 +280,56 @@ def consistency_start_latent(
     return _bcast(schedule.sqrt_ab(t_start), c_hat) * c_hat
 
 
+def snr_start_index(
+    schedule: DiscreteSchedule, c_hat: jax.Array, z0: jax.Array, grid_steps: int = 50
+) -> jax.Array:
+    """DiffCR's encoder-side start step, per example: an index on the ``grid_steps`` DDIM grid
+    (index k ↔ timestep ``(k + 1)·T/grid_steps − 1``, SD's trailing grid).
+
+    The SNR of ĉ's error, ``1 / mean((ĉ − z_0)²)``, is placed among the grid's SNRs
+    ``ᾱ/(1 − ᾱ)`` (float32) as the public code does (``torch.bucketize`` over the sorted grid
+    SNRs, then back to a grid index): the result is the noisiest grid index whose SNR is at
+    least the error's, 0 when none is.
+    """
+    ts = spaced_timesteps(grid_steps, schedule.num_timesteps, "trailing")[::-1]  # ascending
+    ab = schedule.alphas_cumprod[jnp.asarray(ts.copy())].astype(jnp.float32)
+    snr = ab / (1.0 - ab)
+    err = jnp.square(c_hat.astype(jnp.float32) - z0.astype(jnp.float32))
+    e = 1.0 / jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    at_least = jnp.sum(snr[None, :] >= e[:, None], axis=1)
+    return jnp.maximum(at_least - 1, 0).astype(jnp.int32)
+
+
+def consistency_timesteps(
+    start_index: int, num_steps: int, grid_steps: int = 50, num_timesteps: int = 1000
+) -> np.ndarray:
+    """The descending timesteps DiffCR samples from a start index (host, exact): the start is
+    raised to ``num_steps + 1``, guided-diffusion's ``space_timesteps(start, num_steps + 1)``
+    picks grid indices in ``[0, start)`` (Python's round-half-even), the first (0) is dropped,
+    the rest are mapped to the grid's timesteps. E.g. start 30, 2 steps → [599, 299]."""
+    start = max(int(start_index), num_steps + 1)
+    if not 0 <= int(start_index) < grid_steps or start > grid_steps:
+        raise ValueError(
+            f"start index {start_index} with {num_steps} steps: outside the {grid_steps}-grid"
+        )
+    stride, cur, picked = (start - 1) / num_steps, 0.0, []
+    for _ in range(num_steps + 1):
+        picked.append(round(cur))
+        cur += stride
+    grid = spaced_timesteps(grid_steps, num_timesteps, "trailing")[::-1]
+    return np.ascontiguousarray(grid[sorted(set(picked))[1:]][::-1]).astype(np.int32)
+
+
+def consistency_timestep_table(
+    num_steps: int, grid_steps: int = 50, num_timesteps: int = 1000
+) -> np.ndarray:
+    """``table[s]`` = :func:`consistency_timesteps` of start index s, for every s: indexed by a
+    traced start index inside jit (training draws one per example)."""
+    return np.stack(
+        [consistency_timesteps(s, num_steps, grid_steps, num_timesteps) for s in range(grid_steps)]
+    )
+
+
 @_sampler("prediction", "remat")
 def consistency_sample(
     denoise: Denoiser,
@@ -286,11 +343,14 @@ def consistency_sample(
 ) -> jax.Array:
     """Multi-step consistency sampling (DiffCR decodes with two steps).
 
-    ``timesteps`` is a descending int array of shape ``(S,)``; its values are traced (the start
-    step is chosen per image and read from the header), only ``S`` fixes the compile. At each
-    index the denoiser's output F (of kind ``prediction``, default x0) passes the boundary
-    ``f = c_skip·z_t + c_out·F`` (:class:`ConsistencyBoundary`); a deterministic DDIM move then
-    goes to the next index; the last ``f`` is returned.
+    ``timesteps`` is a descending int array of shape ``(S,)``, or ``(S, B)`` for a start step
+    per example; its values are traced (the start step is chosen per image and read from the
+    file), only ``S`` fixes the compile. At each index the denoiser's output F (of kind
+    ``prediction``, default x0) passes the boundary ``f = c_skip·z_t + c_out·F``
+    (:class:`ConsistencyBoundary`); a deterministic DDIM move then goes to the next index with
+    the ε implied by f — or, when the denoiser returns a pair ``(F, ε̂)``, with ε̂ (DiffCR
+    re-noises with the frozen UNet's ε, not with the refined estimate's); the last ``f`` is
+    returned.
     """
     ts = jnp.asarray(timesteps, jnp.int32)
     coefs = _discrete_chain_coefs(schedule, ts, None)

@@ -404,7 +404,12 @@ class TextTransformer(nn.Module):
     config: TextConfig
 
     @nn.compact
-    def __call__(self, text: jnp.ndarray, hidden_layer: int = -2) -> TowerOutput:
+    def __call__(
+        self, text: jnp.ndarray, hidden_layer: int = -2, embeddings: jnp.ndarray | None = None
+    ) -> TowerOutput:
+        """``embeddings`` (B, length, width), when given, replace the token embedding lookup
+        (soft or projected prompts, e.g. a hard-prompt search); ``text`` still gives the
+        pooling position (its end-of-text token)."""
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
         batch, length = text.shape
@@ -428,7 +433,8 @@ class TextTransformer(nn.Module):
             (None, "embed"),
             c.params_dtype,
         )
-        x = embed(text) + pos[:length].astype(c.compute_dtype)
+        tokens_in = embed(text) if embeddings is None else embeddings.astype(c.compute_dtype)
+        x = tokens_in + pos[:length].astype(c.compute_dtype)
         outputs = Transformer(
             c.width,
             c.layers,

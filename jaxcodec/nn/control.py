@@ -18,6 +18,12 @@ Two wirings of the same parts (``ControlAdapterConfig``):
 
 - ``base_to_control=True`` (ControlNet-XS, diffusers): the control branch also *reads* the base
   (``base_to_ctrl`` concatenations), and shares the base's time embedding.
+- ``base_to_control=True`` + ``time_embedding='own'`` (ResULIC's official ``CDDM``): both
+  directions — the base's output of every encoder sub-block is sent through a zero 1×1 conv
+  (``enc_zero_convs_in``) and concatenated to the control stream before the next sub-block (and
+  the middle block), as ControlNet-XS does — with the control branch's own time embedding and
+  hint ``concat(x_t, z_c)``. :meth:`ControlAdapterConfig.resulic` is that layout; its
+  parameter paths are RDEIC's plus ``base_to_ctrl`` convs.
 - ``base_to_control=False`` + ``time_embedding='own'`` (RDEIC's official ``ControlModule``): the
   control branch is an independent narrow UNet encoder+middle with its own time-embedding MLP;
   it only *writes* into the base through the zero convs (encoder outputs, middle, decoder
@@ -96,6 +102,16 @@ class ControlAdapterConfig:
             base_to_control=False,
             time_embedding="own",
             mid_resnet_eps=1e-5,
+        )
+
+    @classmethod
+    def resulic(
+        cls, size_ratio: float = 0.2, head_channels: int = 16, hint_channels: int = 4
+    ) -> ControlAdapterConfig:
+        """ResULIC's ``CDDM`` (official ``ControlModule`` + zero convs both ways): reads the
+        base before every sub-block, own time embedding, hint z_c, LDM's GroupNorm eps."""
+        return dataclasses.replace(
+            cls.rdeic(size_ratio, head_channels, hint_channels), base_to_control=True
         )
 
     def widths(self, base: UNetConfig) -> tuple[int, ...]:

@@ -141,7 +141,9 @@ def factorized_entropy_tables(bottleneck_params: dict) -> dict:
 
     quantiles = np.asarray(bottleneck_params["quantiles"], np.float64)[:, 0, :]
     channels = quantiles.shape[0]
-    module = EntropyBottleneck(channels)
+    layers = sum(1 for k in bottleneck_params if k.startswith("matrix"))
+    filters = tuple(int(bottleneck_params[f"matrix{i}"].shape[1]) for i in range(layers - 1))
+    module = EntropyBottleneck(channels, filters)
     medians_q = fixedpoint.to_fixed(quantiles[:, 1])
     medians = fixedpoint.from_fixed(medians_q)
 

@@ -7,9 +7,14 @@ is pre-norm window attention with a learned relative-position bias, then a pre-n
 MLP (GELU); both norms are GroupNorm(32) as in guided diffusion, not LayerNorm.
 
 Shifted windows mask attention between tokens that the cyclic shift brought together:
-``shift_mask="full"`` is Swin's 3×3 region mask; ``"rows"`` reproduces ResShift's code, whose
-mask only separates rows (its ``img_mask[:, h, w, :]`` indexes a size-1 channel axis, so
-wrapped columns attend to each other) — needed to run weights trained with that code.
+``shift_mask="full"`` is Swin's 3×3 region mask. ``"resshift"`` is the mask ResShift's code
+(and DiffO's copy of it, ``models/swin_transformer.py``) computes, which weights trained with
+that code need: its ``calculate_mask`` writes ``img_mask[:, h, w, :]`` into a (1, 1, H, W)
+tensor, so the first slice hits the size-1 channel axis and only rows are told apart; and it
+flattens each mask window after ``.permute(0, 2, 3, 1)`` of an already channels-last window,
+so the token order inside a window is column-major while attention's is row-major. In the
+last row of windows tokens are therefore separated by their *column* inside the window
+(< window − shift or not), and wrapped columns are never masked.
 
 Names follow ResShift's state dict (``patch_embed.proj``, ``blocks.i.attn.qkv``,
 ``relative_position_bias_table``, ``mlp.fc1``), so checkpoints map by rule.
@@ -24,7 +29,7 @@ import numpy as np
 
 from jaxcodec.nn import layers
 
-SHIFT_MASKS = ("full", "rows")
+SHIFT_MASKS = ("full", "resshift")
 MASK_VALUE = -100.0  # what Swin adds to masked logits (exp(-100) ≈ 0, finite in bf16)
 
 
@@ -51,7 +56,8 @@ def window_reverse(windows: jax.Array, window: int, h: int, w: int) -> jax.Array
 
 
 def shift_attention_mask(h: int, w: int, window: int, shift: int, kind: str) -> np.ndarray:
-    """(nW, w², w²) additive mask (0 or -100) of a cyclically shifted window partition."""
+    """(nW, w², w²) additive mask (0 or -100) of a cyclically shifted window partition, its
+    windows in raster order and its tokens in attention's (row-major) order."""
     if kind not in SHIFT_MASKS:
         raise ValueError(f"shift_mask must be one of {SHIFT_MASKS}, got {kind!r}")
     bands = lambda n: np.digitize(np.arange(n), [n - window, n - shift])  # 0, 1, 2 per index
@@ -59,6 +65,8 @@ def shift_attention_mask(h: int, w: int, window: int, shift: int, kind: str) -> 
     cols = bands(w)[None, :] if kind == "full" else np.zeros((1, w), np.int64)
     region = np.broadcast_to(rows * 3 + cols, (h, w))
     ids = region.reshape(h // window, window, w // window, window).transpose(0, 2, 1, 3)
+    if kind == "resshift":  # its window flattened column-major (see the module doc)
+        ids = ids.transpose(0, 1, 3, 2)
     ids = ids.reshape(-1, window * window)  # raster order of windows, as window_partition
     same = ids[:, :, None] == ids[:, None, :]
     return np.where(same, 0.0, MASK_VALUE).astype(np.float32)

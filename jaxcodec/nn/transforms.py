@@ -238,3 +238,117 @@ class ResidualBlockUpsample(nn.Module):
         )
         skip = _fp_net(_fp_conv(params, "skip"), fp.pixel_shuffle_layer(upsample))
         return fp.residual_layer(main, skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# ELIC-style blocks (He et al. 2022, as ResULIC's ``model/compressor.py`` lays them out).
+# ---------------------------------------------------------------------------------------------
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch's ``nn.GELU()`` (the erf form; flax's default is the tanh approximation)."""
+    return nn.gelu(x, approximate=False)
+
+
+class ResidualBottleneck(nn.Module):
+    """x + conv1×1(N/2) → GELU → conv3×3(N/2) → GELU → conv1×1(N): ELIC's residual bottleneck
+    (``branch.0``, ``branch.2``, ``branch.4`` in the official state dict)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = gelu(_tconv(self.features // 2, 1, name="conv1")(x))
+        h = gelu(_tconv(self.features // 2, 3, name="conv2")(h))
+        return x + _tconv(self.features, 1, name="conv3")(h)
+
+
+def transposed_as_subpixel(kernel, bias, stride: int, padding: int, output_padding: int):
+    """torch ``ConvTranspose2d(k, stride, padding, output_padding)`` with ``k + output_padding
+    - 2·padding == stride`` (output = stride × input) as one stride-1 convolution to stride²
+    phases and a `depth_to_space`: output pixel ``s·m + r`` of a 1-D transposed convolution is
+    ``Σ_d x[m + d]·w[r + padding − s·d]``, so phase r is a correlation over the input offsets d
+    with the taps ``w[r + padding − s·d]`` (zero where that index leaves the kernel).
+
+    ``kernel``: [k, k, in, out] (torch's (in, out, k, k) moved to the end), ``bias``: [out] →
+    (kernel [t, t, in, s²·out] in `depth_to_space` channel order, bias [s²·out], the padding
+    (lo, hi) of the t-tap convolution). Works on numpy and jax arrays (exact: a gather)."""
+    k, s, p = int(np.shape(kernel)[0]), int(stride), int(padding)
+    if k + int(output_padding) - 2 * p != s:
+        raise ValueError(f"ConvTranspose2d(k={k}, s={s}, p={p}, op={output_padding}) is not ×{s}")
+    d_lo, d_hi = -((k - 1 - p) // s), (s - 1 + p) // s  # ceil((p - k + 1) / s), floor
+    taps = np.arange(d_lo, d_hi + 1)
+    index = np.arange(s)[None, :] + p - s * taps[:, None]  # [taps, phase] → kernel index
+    valid = (index >= 0) & (index < k)
+    index = np.where(valid, index, 0)
+    # K[th, tw, in, rh, rw, out] = w[index[th, rh], index[tw, rw], in, out] where both valid.
+    w = kernel[index[:, None, :, None], index[None, :, None, :]]  # [th, tw, rh, rw, in, out]
+    mask = (valid[:, None, :, None] & valid[None, :, None, :])[..., None, None]
+    w = w * mask
+    t, cin, cout = len(taps), np.shape(kernel)[2], np.shape(kernel)[3]
+    w = w.transpose(0, 1, 4, 2, 3, 5).reshape(t, t, cin, s * s * cout)
+    b = bias[None, :] * np.ones((s * s, 1), np.float32)
+    return w, b.reshape(s * s * cout), (-d_lo, d_hi)
+
+
+class ConvTranspose(nn.Module):
+    """A transposed convolution with torch's ``ConvTranspose2d`` semantics (padding,
+    output_padding) and parameters ``kernel`` [k, k, in, out], ``bias`` [out].
+
+    Computed as `transposed_as_subpixel`'s convolution + `depth_to_space` (XLA:CPU takes the
+    gradient of a transposed convolution some 20× slower than of a plain one); the same
+    rearrangement exports it to a fixed-point network (`fixed_point`)."""
+
+    features: int
+    kernel_size: int = 5
+    stride: int = 2
+    padding: int = 2
+    output_padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            layers.partitioned(nn.initializers.lecun_normal(), layers.CONV_KERNEL_AXES),
+            (k, k, x.shape[-1], self.features),
+        )
+        bias = self.param(
+            "bias",
+            layers.partitioned(nn.initializers.zeros, layers.CONV_BIAS_AXES),
+            (self.features,),
+        )
+        w, b, pad = transposed_as_subpixel(
+            kernel, bias, self.stride, self.padding, self.output_padding
+        )
+        y = jax.lax.conv_general_dilated(
+            x, w.astype(x.dtype), (1, 1), (pad, pad), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        y = y + b.astype(x.dtype)
+        return depth_to_space(y, self.stride) if self.stride > 1 else y
+
+    @staticmethod
+    def fixed_point(
+        params: dict, stride: int = 2, padding: int = 2, output_padding: int = 1
+    ) -> dict:
+        """The same layer as an integer conv (+ depth_to_space): a `fixedpoint` sub-network."""
+        from jaxcodec.entropy import fixedpoint
+
+        w, b, pad = transposed_as_subpixel(
+            np.asarray(params["kernel"], np.float64),
+            np.asarray(params["bias"], np.float64),
+            stride,
+            padding,
+            output_padding,
+        )
+        if pad[0] != pad[1]:
+            raise ValueError(f"integer networks pad symmetrically ('SAME'), not {pad}")
+        layers_ = [fixedpoint.conv_layer(w, b, 1)]
+        if stride > 1:
+            layers_.append(
+                {
+                    "kind": np.array(fixedpoint.KIND_CODES["depth_to_space"], np.int32),
+                    "block": np.array(stride, np.int32),
+                }
+            )
+        return _fp_net(*layers_)

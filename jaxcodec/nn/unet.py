@@ -108,7 +108,7 @@ class UNetConfig(layers.DtypeNames):
     swin_mid_window_size: int = 2
     swin_depth: int = 2
     swin_mlp_ratio: float = 4.0
-    swin_shift_mask: str = "full"  # "rows": ResShift's own mask (see nn/swin.py)
+    swin_shift_mask: str = "full"  # "resshift": the mask of ResShift's code (nn/swin.py)
 
     def __post_init__(self):
         n = len(self.block_out_channels)

@@ -462,3 +462,17 @@ def checkpoint_shapes(config: CLIPConfig, naming: str = "open_clip") -> dict[str
         for _, _, spec in _specs(template, tower, naming, prefix, getattr(cfg, "proj_bias", False)):
             shapes.update(zip(spec.keys, spec.shapes, strict=True))
     return shapes
+
+
+def checkpoint_keys(path: str | os.PathLike, variant: str | None = None) -> list[str]:
+    """The tensor names of a checkpoint file or folder, read from the safetensors headers only
+    (nothing is loaded: enough to tell its config and naming)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = [path] if path.is_file() else _weight_files(path, variant)
+    keys: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            keys += list(f.keys())
+    return keys

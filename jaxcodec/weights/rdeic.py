@@ -1,4 +1,5 @@
-"""Official RDEIC checkpoints ↔ jaxcodec: `jaxcodec import-weights --format rdeic CKPT --sd SD OUT`.
+"""Official RDEIC checkpoints ↔ jaxcodec parameters (what `jaxcodec import-weights --format
+rdeic` reads; :mod:`jaxcodec.importers` builds the codec bundle from them).
 
 The official release (Li et al., `model/compression.py`, `model/rdeic.py`) keeps the trained
 parts in one state dict: ``preprocess_model.*`` — the ``Compression`` module (jaxcodec's
@@ -6,19 +7,22 @@ parts in one state dict: ``preprocess_model.*`` — the ``Compression`` module (
 ``NoiseEstimator``: its ``ControlModule`` (``control_model.control_model.*``) and zero convs
 (``enc_zero_convs_out``, ``middle_block_out``, ``dec_zero_convs_out``; jaxcodec's
 :class:`~jaxcodec.nn.control.ControlAdapter` in RDEIC's wiring). A bare module's state dict
-(without those prefixes) is accepted too. The frozen SD 2.1 parts come from the diffusers folder
-given with ``--sd``; if the file carries them as well (``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.*``) they are listed as ignored, as are the
-diffusion-schedule buffers. The CompressAI ``gaussian_conditional`` buffers are float-derived
-CDFs: jaxcodec rebuilds its own integer tables from the imported weights instead.
+(``Compression`` or ``NoiseEstimator`` alone, without those prefixes) gives that module only.
+The frozen SD 2.1 parts come from a diffusers folder; if the file carries them as well
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``) they are skipped,
+as are the diffusion-schedule buffers and CompressAI's ``gaussian_conditional`` buffers
+(float-derived CDFs: jaxcodec builds its own integer tables from the imported weights); the
+report names every skipped key with its reason.
 
 Every mapping is a rule from a jaxcodec parameter path to an official key (`compressor_key`,
 `adapter_key`), so a plan of every expected key and shape exists before any tensor is read
 (`plan`), import checks all of them at once (missing, unexpected and mis-shaped keys are listed
 by name) and export (`to_official`) is the same table read the other way. The codebook becomes
 the VQ state: ``quantize.embedding.weight`` → ``vq_stats/vq/codebook``, ``quantize.embed_prob``
-(usage probabilities) → the EMA counts; the ``scale_list`` control scales are folded into the
-zero convs (exact: they are linear).
+(usage probabilities) → the EMA counts. The official forward multiplies zero conv i by
+``scale_list[i] · control_scale`` (``scale_list``, a buffer, holds the training-time control
+scale; ``control_scale`` is the run-time config value, an argument here): both are folded into
+the zero convs' kernels and biases (exact: they are linear).
 
 Reading checkpoints never runs code from them: ``.safetensors`` are plain arrays; ``.ckpt`` /
 ``.pth`` pickles go through :func:`jaxcodec.metrics.weights.read_torch_state_dict`, which
@@ -287,19 +291,57 @@ def check(
     the_plan: Mapping[str, Mapping[str, Entry]], shapes: Mapping[str, Mapping[str, tuple]]
 ) -> tuple[list[str], list[str], list[tuple]]:
     """(missing, unexpected, mis-shaped) official keys of ``shapes`` ({module: {key: shape}})
-    against the plan; CompressAI's rebuilt buffers count as known."""
+    against the plan; CompressAI's rebuilt buffers count as known. Only the modules present in
+    ``shapes`` are checked (a bare module's state dict)."""
     missing, unexpected, mismatched = [], [], []
     for group in ("compression", "noise_estimator"):
-        want, have = the_plan[group], shapes.get(group, {})
+        if group not in shapes:
+            continue
+        want, have = the_plan[group], shapes[group]
         for key, entry in want.items():
             if key not in have:
-                if key != EMBED_PROB_KEY:  # optional: EMA counts default to uniform
+                if key not in _OPTIONAL:
                     missing.append(key)
             elif tuple(have[key]) != entry.torch_shape:
                 mismatched.append((key, tuple(have[key]), entry.torch_shape))
         known = set(want) | (set(REBUILT_BUFFERS) if group == "compression" else set())
         unexpected += [k for k in have if k not in known]
     return sorted(missing), sorted(unexpected), mismatched
+
+
+# Keys a checkpoint may lack: EMA usage probabilities (default uniform), the control scales
+# (default ones; the official NoiseEstimator always stores them).
+_OPTIONAL = (EMBED_PROB_KEY, SCALE_LIST_KEY)
+# Why each kind of key is left out of an import (the report lists them under these reasons).
+SKIP_REASONS = {
+    "model.diffusion_model.": "frozen SD UNet: comes from the diffusers folder (--sd)",
+    "first_stage_model.": "frozen SD VAE: comes from the diffusers folder (--sd)",
+    "cond_stage_model.": "frozen text encoder: the empty prompt comes from --sd",
+    "model_ema.": "EMA copy of the frozen SD UNet",
+    "perceptual_loss.": "training-only LPIPS network",
+    "schedule": "diffusion-schedule buffers: recomputed from the SD schedule",
+    "rebuilt": "CompressAI's float CDF tables: jaxcodec builds integer tables",
+}
+
+
+def _skip_reason(key: str) -> str:
+    for prefix in IGNORED_PREFIXES:
+        if key.startswith(prefix):
+            return SKIP_REASONS[prefix]
+    return SKIP_REASONS["schedule"]
+
+
+def _zero_conv_scales(ne: Mapping[str, Any], unet: UNetConfig, control_scale: float) -> dict:
+    """{zero-conv weight key: the factor its output is multiplied by}: the official forward
+    multiplies zero conv i by ``scale_list[i] · control_scale`` (``scale_list`` already holds
+    the training-time control scale; ``control_scale`` is the run-time config value)."""
+    order = _zero_conv_order(unet)
+    scales = np.asarray(ne.get(SCALE_LIST_KEY, np.ones(len(order))), np.float64).reshape(-1)
+    if scales.shape != (len(order),):
+        raise dw.WeightsMismatchError(
+            [], [], [(SCALE_LIST_KEY, tuple(np.shape(ne[SCALE_LIST_KEY])), (len(order),))]
+        )
+    return dict(zip(order, scales * float(control_scale), strict=True))
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -310,59 +352,80 @@ def from_official(
     compressor: LatentCompressorConfig,
     unet: UNetConfig,
     adapter: ControlAdapterConfig,
+    *,
+    control_scale: float = 1.0,
 ) -> tuple[dict, dict, dict[str, Any]]:
     """An official state dict → (params {"compressor", "adapter"}, state {"vq_stats"}, report).
-    Raises :class:`~jaxcodec.weights.diffusers.WeightsMismatchError` naming every unknown,
-    missing and mis-shaped key."""
+
+    A bare module's state dict gives that module only (the other is absent from params and
+    state, and ``report["absent"]`` names it). ``control_scale`` is the official run-time
+    ``control_scale`` (a config value, not in the checkpoint); with the stored ``scale_list``
+    it is folded into the zero convolutions' kernels and biases (exact: they are linear).
+    ``report["skipped"]`` maps a reason to every key left out for it. Raises
+    :class:`~jaxcodec.weights.diffusers.WeightsMismatchError` naming every unknown, missing and
+    mis-shaped key."""
     comp, ne, ignored, unknown = split_state(state)
     the_plan = plan(compressor, unet, adapter)
-    shapes = {
-        "compression": {k: np.shape(v) for k, v in comp.items()},
-        "noise_estimator": {k: np.shape(v) for k, v in ne.items()},
-    }
+    groups = {"compression": comp, "noise_estimator": ne}
+    present = {g: tensors for g, tensors in groups.items() if tensors}
+    if not present and not unknown:
+        raise dw.WeightsMismatchError(
+            [f"{COMPRESSION_PREFIX}* or {NOISE_ESTIMATOR_PREFIX}* (no RDEIC module found)"], [], []
+        )
+    shapes = {g: {k: np.shape(v) for k, v in t.items()} for g, t in present.items()}
     missing, unexpected, mismatched = check(the_plan, shapes)
-    prefixes = {"compression": COMPRESSION_PREFIX, "noise_estimator": NOISE_ESTIMATOR_PREFIX}
-    if any(
+    lightning = any(
         k.startswith(COMPRESSION_PREFIX) or k.startswith("control_model.control_model.")
         for k in state
-    ):
+    )
+    if lightning:
+        prefixes = {"compression": COMPRESSION_PREFIX, "noise_estimator": NOISE_ESTIMATOR_PREFIX}
         unexpected = [
             prefixes["compression" if k in comp else "noise_estimator"] + k for k in unexpected
         ]
     if missing or unexpected or unknown or mismatched:
         raise dw.WeightsMismatchError(missing, sorted(unexpected + unknown), mismatched)
 
-    scales = np.asarray(
-        ne.get(SCALE_LIST_KEY, np.ones(the_plan["noise_estimator"][SCALE_LIST_KEY].shape)),
-        np.float64,
-    )
-    scale_of = dict(zip(_zero_conv_order(unet), scales, strict=True))
+    scale_of = _zero_conv_scales(ne, unet, control_scale) if ne else {}
     flat = {"compressor": {}, "adapter": {}}
-    for group, tensors in (("compression", comp), ("noise_estimator", ne)):
+    for group, tensors in present.items():
         for key, entry in the_plan[group].items():
             if entry.module not in flat:
                 continue
             value = np.asarray(tensors[key], np.float64)
-            weight_key = key.removesuffix(".bias") + ".weight"
+            weight_key = re.sub(r"\.(weight|bias)$", ".weight", key)
             if entry.module == "adapter" and weight_key in scale_of:
-                value = value * scale_of[weight_key]  # fold the control scale (linear)
+                value = value * scale_of[weight_key]  # kernel and bias: the conv is linear
             value = dw.from_torch_layout(value, entry.path[-1], len(entry.shape))
             flat[entry.module][entry.path] = value.astype(np.float32)
-    params = {k: dw._unflatten(v) for k, v in flat.items()}
-    codebook = np.asarray(comp[CODEBOOK_KEY], np.float32)
-    num_codes = codebook.shape[0]
-    prob = np.asarray(comp.get(EMBED_PROB_KEY, np.full(num_codes, 1.0 / num_codes)), np.float64)
-    # EMA counts on the scale of one batch of codes, never zero (no dead-code restart at once).
-    count = np.maximum(prob * num_codes, 1e-3).astype(np.float32)
-    vq = {"codebook": codebook, "ema_count": count, "ema_sum": codebook * count[:, None]}
+    params = {k: dw._unflatten(v) for k, v in flat.items() if v}
+    skipped: dict[str, list[str]] = {}
+    for key in ignored:
+        skipped.setdefault(_skip_reason(key), []).append(key)
+    rebuilt = [COMPRESSION_PREFIX * lightning + k for k in comp if k in REBUILT_BUFFERS]
+    if rebuilt:
+        skipped[SKIP_REASONS["rebuilt"]] = sorted(rebuilt)
     report = {
         "compressor_parameters": sum(v.size for v in flat["compressor"].values()),
         "adapter_parameters": sum(v.size for v in flat["adapter"].values()),
-        "codebook": tuple(codebook.shape),
+        "absent": [m for m, g in (("compressor", comp), ("adapter", ne)) if not g],
+        "skipped": skipped,
         "ignored": ignored,
-        "scales": sorted({float(s) for s in scales}),
     }
-    return params, {"vq_stats": {"vq": vq}}, report
+    variables: dict[str, Any] = {}
+    if comp:
+        codebook = np.asarray(comp[CODEBOOK_KEY], np.float32)
+        num_codes = codebook.shape[0]
+        prob = comp.get(EMBED_PROB_KEY, np.full(num_codes, 1.0 / num_codes))
+        prob = np.asarray(prob, np.float64)
+        # EMA counts on the scale of one batch of codes, never zero (no dead-code restart).
+        count = np.maximum(prob * num_codes, 1e-3).astype(np.float32)
+        vq = {"codebook": codebook, "ema_count": count, "ema_sum": codebook * count[:, None]}
+        variables["vq_stats"] = {"vq": vq}
+        report["codebook"] = tuple(codebook.shape)
+    if ne:
+        report["scales"] = sorted({float(s) for s in scale_of.values()})
+    return params, variables, report
 
 
 def to_official(
@@ -414,46 +477,3 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         return dw.read_safetensors(path)
     return read_torch_state_dict(path)
-
-
-def import_checkpoint(
-    source: str | os.PathLike, output: str | os.PathLike, config
-) -> dict[str, Any]:
-    """Official checkpoint → a jaxcodec codec bundle at ``output`` (integer tables built from
-    the imported weights; the SD parts identified by digest from ``config.model.sd_path``)."""
-    from jaxcodec.checkpoint import save_bundle
-    from jaxcodec.codec import build_bundle, load_frozen
-    from jaxcodec.methods import get_method
-
-    method = get_method(config)
-    params, state, report = from_official(
-        read_checkpoint(source),
-        method.compressor_config,
-        method.unet_config,
-        method.adapter_config,
-    )
-    _, identity = load_frozen(method, {}, "import-weights")
-    bundle = build_bundle(method, config, params, state, {}, identity, step=0)
-    save_bundle(output, bundle)
-    return report
-
-
-def import_rdeic_cli(source, output, config_spec: str | None, *, sd: str | None = None) -> str:
-    """`jaxcodec import-weights --format rdeic CKPT OUT --sd SD_FOLDER [--config SPEC]`; the
-    default config is `configs/rdeic.py:full,stage=2` (the released models are fine-tuned)."""
-    from jaxcodec.configlib import load_config
-
-    config = load_config(config_spec or "configs/rdeic.py:full,stage=2")
-    if sd:
-        config.model.sd_path = str(sd)
-    if not config.model.sd_path:
-        raise ValueError(
-            "import-weights --format rdeic needs --sd SD_FOLDER (SD 2.1-base, diffusers)"
-        )
-    r = import_checkpoint(source, output, config)
-    ignored = f"; ignored {len(r['ignored'])} SD/schedule keys" if r["ignored"] else ""
-    return (
-        f"RDEIC codec bundle: compressor {r['compressor_parameters']:,} parameters + codebook "
-        f"{r['codebook']}, adapter {r['adapter_parameters']:,}{ignored}; "
-        "use it with jaxcodec compress/decompress/evaluate --checkpoint"
-    )

@@ -257,36 +257,63 @@ def load_vqgan(path: str | os.PathLike, config) -> dict:
     return dw.state_dict_to_params(state, vae_param_shapes(config))
 
 
+LOSS_REASON = "training-only loss networks (discriminator, LPIPS)"
+BUFFER_REASON = "buffers recomputed from the config (relative-position index, shift masks)"
+
+
 def import_vqgan(src: str | os.PathLike, dst: str | os.PathLike, config) -> dict[str, Any]:
-    """taming checkpoint (``.ckpt``/``.pth``/``.safetensors``) → jaxcodec VQGAN file."""
+    """taming checkpoint (``.ckpt``/``.pth``/``.safetensors``) → jaxcodec VQGAN file; the report
+    names every key left out (``skipped``: reason → keys)."""
     state = read_checkpoint(src)
     params, codebook = vqgan_params(state, config)
     save_vqgan(dst, config, params, codebook)
-    dropped = sorted({k.split(".")[0] for k in state if k.startswith("loss.")})
+    dropped = sorted(k for k in state if k.startswith("loss."))
     n = sum(int(np.prod(np.shape(v))) for v in dw._flatten(params).values())
     return {
         "parameters": n,
         "codebook": None if codebook is None else codebook.shape,
-        "dropped": dropped,
+        "skipped": {LOSS_REASON: dropped} if dropped else {},
     }
 
 
-def import_vqgan_cli(source, output, config_spec: str | None) -> str:
-    """`jaxcodec import-weights --format vqgan SOURCE OUTPUT [--config configs/diffo.py:full]`:
-    the architecture is the config's ``model.vqgan`` (default: taming's f16, 16384 codes)."""
-    from jaxcodec.configlib import load_config
-    from jaxcodec.nn.vae import VAEConfig
+def swin_unet_params(
+    state: Mapping[str, np.ndarray],
+    template: Mapping[str, Any],
+    *,
+    layers_per_block: int,
+    num_levels: int,
+) -> tuple[dict, list[str]]:
+    """DiffO's/ResShift's ``UNetModelSwin`` state dict (``module.`` prefixes of DDP accepted) →
+    (params shaped like ``template``, a ``ResShiftDenoiser`` tree without the noise-level
+    embedding; the buffers skipped, by key: relative-position indices and shift masks, which
+    :mod:`jaxcodec.nn.swin` recomputes)."""
+    renamed, skipped = {}, []
+    for key, value in state.items():
+        new = swin_unet_key(key.removeprefix("module."), layers_per_block, num_levels)
+        if new is None:
+            skipped.append(key)
+        else:
+            renamed[new] = value
+    return to_params(renamed, template), sorted(skipped)
 
-    config = load_config(config_spec or "configs/diffo.py:full")
-    vqgan = VAEConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.vqgan.items()}
-    )
-    info = import_vqgan(source, output, vqgan)
-    dropped = f", dropped {'/'.join(info['dropped'])}.*" if info["dropped"] else ""
-    return (
-        f"VQGAN with {info['parameters']:,} parameters and codebook {info['codebook']}{dropped}; "
-        "use it with --config.model.vqgan_path"
-    )
+
+def base_autoencoder_params(
+    state: Mapping[str, np.ndarray], template: Mapping[str, Any]
+) -> tuple[dict, dict]:
+    """DiffO's base-code ``EMAVQModelTorch`` state dict → (``VQModel`` params shaped like
+    ``template``, its EMA codebook as a ``vq_stats`` residual-VQ stage)."""
+    base, rest = vqgan_state({k.removeprefix("module."): v for k, v in state.items()}, 1)
+    try:
+        stage = {
+            "codebook": np.asarray(rest.pop("quantize.embedding.weight"), np.float32),
+            "ema_count": np.asarray(rest.pop("quantize.embedding.cluster_size"), np.float32),
+            "ema_sum": np.asarray(rest.pop("quantize.embedding.embed_avg"), np.float32),
+        }
+    except KeyError as e:
+        raise WeightsError(f"the base-code autoencoder checkpoint lacks {e}") from None
+    if rest:
+        raise dw.WeightsMismatchError([], sorted(rest), [])
+    return to_params(base, template), stage
 
 
 def diffo_params(
@@ -296,38 +323,28 @@ def diffo_params(
     *,
     layers_per_block: int,
     num_levels: int,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict[str, Any]]:
     """DiffO's official checkpoints (``ema_model_*.pth``: the Swin-UNet; ``vq_model_*.pth.tar``:
-    the base-code ``EMAVQModelTorch``) → (params of jaxcodec's ``DiffOModel``, ``vq_stats``).
+    the base-code ``EMAVQModelTorch``) → (params of jaxcodec's ``DiffOModel``, ``vq_stats``,
+    report: ``skipped`` reason → keys).
 
     ``template`` is the DiffOModel params tree; the noise-level embedding (jaxcodec's, absent
     from the official model) is set to zero so the imported denoiser ignores it. The official
     codebook becomes the first residual-VQ stage (rate point 0); later stages, which the
-    official model lacks, are left to their initialisation."""
-    unet = {}
-    for key, value in unet_state.items():
-        new = swin_unet_key(key.removeprefix("module."), layers_per_block, num_levels)
-        if new is not None:
-            unet[new] = value
-    base, rest = vqgan_state(
-        {k.removeprefix("module."): v for k, v in autoencoder_state.items()}, 1
-    )
+    official model lacks, are not returned (the caller keeps their initialisation)."""
     denoiser_template = {k: v for k, v in template["denoiser"].items() if k != "noise_embedding"}
-    params = {
-        "base": to_params(base, template["base"]),
-        "denoiser": to_params(unet, denoiser_template),
-    }
+    denoiser, skipped = swin_unet_params(
+        unet_state, denoiser_template, layers_per_block=layers_per_block, num_levels=num_levels
+    )
+    base, stage = base_autoencoder_params(autoencoder_state, template["base"])
     if "noise_embedding" in template["denoiser"]:
-        params["denoiser"]["noise_embedding"] = _zeros(template["denoiser"]["noise_embedding"])
-    try:
-        stage = {
-            "codebook": np.asarray(rest["quantize.embedding.weight"], np.float32),
-            "ema_count": np.asarray(rest["quantize.embedding.cluster_size"], np.float32),
-            "ema_sum": np.asarray(rest["quantize.embedding.embed_avg"], np.float32),
-        }
-    except KeyError as e:
-        raise WeightsError(f"the base-code autoencoder checkpoint lacks {e}") from None
-    return params, {"vq_stats": {"rvq": {"stage_0": stage}}}
+        denoiser["noise_embedding"] = _zeros(template["denoiser"]["noise_embedding"])
+    report = {"skipped": {BUFFER_REASON: skipped} if skipped else {}}
+    return (
+        {"base": base, "denoiser": denoiser},
+        {"vq_stats": {"rvq": {"stage_0": stage}}},
+        report,
+    )
 
 
 def _zeros(tree):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# DiffCR's rate points (one model per λ_r, meant to span the four released models, ≈ 0.06 to
+# 0.02 bpp on Kodak): stage 1 (compressor + FaSE: rate, ĉ and ẑ_0 losses, consistency against
+# an EMA target), then stage 2 (compressor frozen, FaSE through the two-step sampler with
+# MSE + LPIPS) from it; then every final model is evaluated from real files on one folder.
+#   SD=/path/to/stable-diffusion-2-1-base CLIP=/path/to/open_clip_vit_h14 DATA=/path/to/photos \
+#     launch/diffcr_rates.sh runs/diffcr [extra flags]
+# Extra flags go to every training run (e.g. --config.total_steps=1000); without CLIP the UNet's
+# context is the empty prompt (--config.model.condition=empty_prompt); VARIANT=tiny for a smoke
+# run on a CPU (then SD, CLIP and DATA are not needed); LAMBDAS overrides the rate points.
+set -euo pipefail
+root="${1:?root directory for the runs}"; shift
+variant="${VARIANT:-full}"
+python="${PYTHON:-python}"
+common=()
+if [[ "$variant" != tiny ]]; then
+  : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
+  common+=(--config.model.sd_path="$SD" --config.data.path="$DATA")
+  if [[ -n "${CLIP:-}" ]]; then
+    common+=(--config.model.clip_path="$CLIP")
+  else
+    common+=(--config.model.condition=empty_prompt)
+  fi
+fi
+runs=()
+for lambda_r in ${LAMBDAS:-1 0.5 0.25 0.1}; do
+  dir="$root/lambda_$lambda_r"
+  "$python" -m jaxcodec.train --config "configs/diffcr.py:$variant,stage=1,lambda_r=$lambda_r" \
+    --workdir "$dir/stage1" ${common[@]+"${common[@]}"} "$@"
+  "$python" -m jaxcodec.train --config "configs/diffcr.py:$variant,stage=2,lambda_r=$lambda_r" \
+    --workdir "$dir/stage2" --config.init_from="$dir/stage1" ${common[@]+"${common[@]}"} "$@"
+  runs+=("$dir/stage2")
+done
+"$python" -m jaxcodec.evaluate --checkpoint "${runs[@]}" --data "${EVAL_DATA:-../shared/data/kodak}" \
+  --out "$root/eval"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# ResULIC's rate points (one model per start step add_steps, with the official rate weight of
+# configs/resulic.py's RATE_POINTS): stage 1 (ε loss + rate + ‖z_c − z_0‖²), then stage 2
+# (adds MSE + LPIPS on the decoded ẑ_0) from it; then every final model is evaluated on one
+# folder of images from real files (their caption streams included in the bpp).
+#   SD=/path/to/stable-diffusion-2-1-base DATA=/path/to/train/photos CAPTIONS=captions.json \
+#     launch/resulic_rates.sh runs/resulic [extra flags]
+# CAPTIONS (optional) is a JSON {image name: caption} of the training photos; EVAL_CAPTIONS
+# (optional) one of the evaluation images, coded into their files. Extra flags go to every
+# training run (e.g. --config.total_steps=1000); VARIANT=tiny for a smoke run on a CPU (then
+# SD and DATA are not needed); ADD_STEPS overrides the rate points.
+set -euo pipefail
+root="${1:?root directory for the runs}"; shift
+variant="${VARIANT:-full}"
+python="${PYTHON:-python}"
+common=()
+if [[ "$variant" != tiny ]]; then
+  : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
+  common+=(--config.model.sd_path="$SD" --config.data.path="$DATA")
+  if [[ -n "${CAPTIONS:-}" ]]; then common+=(--config.data.captions="$CAPTIONS"); fi
+fi
+if [[ -n "${EVAL_CAPTIONS:-}" ]]; then common+=(--config.encode.captions="$EVAL_CAPTIONS"); fi
+runs=()
+for steps in ${ADD_STEPS:-50 100 150 200 300 405 495 600 705 795}; do
+  dir="$root/add_$steps"
+  "$python" -m jaxcodec.train --config "configs/resulic.py:$variant,stage=1,add_steps=$steps" \
+    --workdir "$dir/stage1" "${common[@]}" "$@"
+  "$python" -m jaxcodec.train --config "configs/resulic.py:$variant,stage=2,add_steps=$steps" \
+    --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@"
+  runs+=("$dir/stage2")
+done
+"$python" -m jaxcodec.evaluate --checkpoint "${runs[@]}" --data "${EVAL_DATA:-../shared/data/kodak}" \
+  --out "$root/eval"
