@@ -126,14 +126,12 @@ def test_jaxcodec_has_no_import_cycles():
 
 
 # The weight converters map foreign state dicts to parameters and back; building a codec (a
-# method, its bundle, a checkpoint) from them belongs to the command that needs it, so
-# `weights/` sits below `methods/`.
+# method, its bundle, a checkpoint) from them belongs to the command that needs it
+# (`jaxcodec.importers`), so `weights/` sits below `methods/`.
 ABOVE_WEIGHTS = ("jaxcodec.methods", "jaxcodec.codec", "jaxcodec.checkpoint", "jaxcodec.train")
 
 
 def test_weight_converters_import_nothing_above_them():
-    # Passes once the converters-only change of issue 20 (item 2: `weights/rdeic.py` no longer
-    # builds codec bundles) is merged; until then it names `weights.rdeic`'s upward imports.
     graph = import_graph()
     upward = {
         name: sorted(d for d in deps if d.startswith(ABOVE_WEIGHTS))
