@@ -617,6 +617,8 @@ def _frozen_parts(config, method: Method, workdir: Path) -> FrozenParts:
 
 
 def _layout(config, shapes: ModelShapes, frozen_host: Any) -> Layout:
+    """The mesh over the configured devices (the batch must split over it) and the shardings
+    of the train state and the frozen parts."""
     mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
     check_batch(config, mesh)
     state_shardings, frozen_shardings = shardings(config, mesh, shapes, frozen_host)
@@ -624,6 +626,7 @@ def _layout(config, shapes: ModelShapes, frozen_host: Any) -> Layout:
 
 
 def _model_line(config, shapes: ModelShapes, parts: FrozenParts, mesh, workdir: Path) -> str:
+    """The console's first line: what trains, on what mesh, and where the log goes."""
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.abstract_params))
     num_frozen = sum(int(np.size(x)) for x in jax.tree.leaves(parts.host))
     return (
