@@ -197,19 +197,37 @@ class MethodCodec:
         return self.hash[: container.MODEL_ID_BYTES].hex()
 
     def compress(self, image: np.ndarray) -> bytes:
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-        h, w = image.shape[:2]
+        return self.compress_batch([image])[0]
+
+    def compress_batch(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        """Compresses images of one padded size together (the coder's `compress_batch`); each
+        file is byte for byte what `compress` makes of that image alone."""
+        images = [np.asarray(image) for image in images]
+        if not images:
+            return []
+        for image in images:
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+        s = self.coder.stride
+        if len({padded_size(image.shape[:2], s) for image in images}) != 1:
+            raise ValueError("compress_batch needs images of one padded size")
         t0 = time.perf_counter()
-        padded = pad_to_multiple(image, self.coder.stride)
-        streams, info = self.coder.compress(self.variables, self.tables, padded, self.options)
-        header = container.Header(h, w, self.hash[: container.MODEL_ID_BYTES], self.options)
-        data = container.pack(header, streams, self.hash)
+        padded = np.stack([pad_to_multiple(image, s) for image in images])
+        coded = self.coder.compress_batch(self.variables, self.tables, padded, self.options)
+        files = []
+        for image, (streams, _) in zip(images, coded, strict=True):
+            h, w = image.shape[:2]
+            header = container.Header(h, w, self.hash[: container.MODEL_ID_BYTES], self.options)
+            files.append(container.pack(header, streams, self.hash))
+        info = coded[-1][1]  # the last image's breakdown
         self.timings = {"encode": time.perf_counter() - t0}
-        self.timings |= {k: v for k, v in info.items() if k.endswith("_s")}  # breakdown
+        self.timings |= {k: v for k, v in info.items() if k.endswith("_s")}
         self.last_info = info
-        return data
+        return files
+
+    def read_header(self, data: bytes) -> container.Header:
+        """The header of a file, after every check `decompress` makes before decoding."""
+        return self._unpack(data)[0]
 
     def _unpack(self, data: bytes) -> tuple[container.Header, list[bytes]]:
         return container.unpack(
@@ -237,23 +255,34 @@ class MethodCodec:
         return np.ascontiguousarray(image[: header.height, : header.width])
 
     def decompress_batch(self, files: Sequence[bytes]) -> list[np.ndarray]:
-        """Decodes files of one padded size and the same options together."""
+        """Decodes files of one padded size and the same options together; each image is pixel
+        for pixel what `decompress` makes of that file alone."""
         parsed = [self._unpack(d) for d in files]
+        if not parsed:
+            return []
         s = self.coder.stride
         sizes = {padded_size((h.height, h.width), s) for h, _ in parsed}
         options = {json.dumps(h.options, sort_keys=True) for h, _ in parsed}
         if len(sizes) != 1 or len(options) != 1:
             raise ValueError("decompress_batch needs files of one padded size and options")
         head = parsed[0][0]
-        images = self.coder.decompress_batch(
-            self.variables,
-            self.tables,
-            [streams for _, streams in parsed],
-            sizes.pop(),
-            head.options,
-            jax.random.key(int(head.options.get("seed", 0))),
-        )
-        return [im[: h.height, : h.width] for im, (h, _) in zip(images, parsed, strict=True)]
+        t0 = time.perf_counter()
+        try:
+            images = self.coder.decompress_batch(
+                self.variables,
+                self.tables,
+                [streams for _, streams in parsed],
+                sizes.pop(),
+                head.options,
+                jax.random.key(int(head.options.get("seed", 0))),
+            )
+        except (CodingError, ArithmeticError) as exc:  # garbage that passed the checksum
+            raise BitstreamError(f"undecodable stream: {exc}") from None
+        self.timings = {"decode": time.perf_counter() - t0}
+        return [
+            np.ascontiguousarray(im[: h.height, : h.width])
+            for im, (h, _) in zip(images, parsed, strict=True)
+        ]
 
 
 def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

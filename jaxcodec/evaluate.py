@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jaxcodec.cli import enable_compilation_cache
+    from jaxcodec.compilation_cache import enable_compilation_cache
 
     args = build_parser().parse_args(argv)
     enable_compilation_cache()

@@ -11,8 +11,8 @@ tactic), so unnamed or oddly shaped parameters do not replicate a pod's worth of
 `scope(mesh, rules)` is the context every jitted init, train step and evaluation is traced
 and run in, so activation constraints (`layers.constrain`) take effect.
 
-`python -m jaxcodec.sharding --config configs/rdeic.py:full,stage=2 --devices 8` (or
-`jaxcodec shardings ...`) prints every parameter's sharding and the bytes each device holds.
+`jaxcodec shardings --config configs/rdeic.py:full,stage=2 --devices 8`
+(`jaxcodec.sharding_report`) prints every parameter's sharding and the bytes each device holds.
 """
 
 import contextlib
@@ -265,105 +265,3 @@ def format_placements(title: str, rows: list[LeafPlacement], *, top: int | None 
         f"({per_dev / max(total, 1):.3f} of it)"
     )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Report: `python -m jaxcodec.sharding` / `jaxcodec shardings`
-# ---------------------------------------------------------------------------------------------
-
-
-def add_report_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="e.g. configs/rdeic.py:full,stage=2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--mesh", default=None, help="mesh shape, e.g. 1,8,1 (default: the config's)")
-    p.add_argument(
-        "--devices",
-        type=int,
-        default=0,
-        help="fake this many CPU devices (before JAX starts; default: the real devices)",
-    )
-    p.add_argument("--top", type=int, default=40, help="largest arrays listed per part (0: all)")
-
-
-def report(args) -> str:
-    """Every parameter's logical axes, mesh partitioning and bytes per device, for the train
-    state (params, optimiser state, EMA, model state) and the frozen parts, from shapes only."""
-    from jaxcodec import train
-    from jaxcodec.configlib import load_config
-
-    overrides = list(args.overrides)
-    if args.mesh:
-        overrides.append(f"mesh.shape=({args.mesh.strip('()')},)")
-    config = load_config(args.config, overrides)
-    shapes = train.model_shapes(config)
-    mesh = create_mesh(config.mesh.shape, config.mesh.axes, train._devices(config))
-    try:
-        abstract_frozen = shapes.method.abstract_frozen()
-    except (ValueError, FileNotFoundError) as exc:
-        abstract_frozen, frozen_note = None, f"frozen parts: not known from the config ({exc})"
-    else:
-        frozen_note = "frozen parts: none, or placed from their arrays when loaded (the size-"
-        frozen_note += "gated fsdp fallback applies)"
-    state_sh, frozen_sh = train.shardings(config, mesh, shapes)
-    state = shapes.abstract_state
-    top = args.top or None
-    parts = [
-        f"{args.config}: mesh {dict(mesh.shape)} over {mesh.devices.size} "
-        f"{mesh.devices.flat[0].platform} devices; fsdp fallback from "
-        f"{config.mesh.get('fsdp_min_bytes', DEFAULT_FSDP_MIN_BYTES)} bytes",
-        "rules: " + ", ".join(f"{n}→{a}" for n, a in rules_of(config)),
-        "columns: path, shape, logical axes, mesh partitioning, bytes per device / whole",
-        format_placements(
-            "trainable parameters", placements(state.params, state_sh.params), top=top
-        ),
-    ]
-    totals = {}
-    for name, tree, sh in (
-        ("params", state.params, state_sh.params),
-        ("optimiser state", state.opt_state, state_sh.opt_state),
-        ("EMA parameters", state.ema_params, state_sh.ema_params),
-        ("model state", state.model_state, state_sh.model_state),
-    ):
-        rows = placements(tree, sh)
-        totals[name] = (sum(r.bytes for r in rows), sum(r.bytes_per_device for r in rows))
-    if state.model_state:
-        parts.append(
-            format_placements(
-                "model state", placements(state.model_state, state_sh.model_state), top=top
-            )
-        )
-    if abstract_frozen is not None:
-        rows = placements(abstract_frozen, frozen_sh)
-        parts.append(format_placements("frozen parts", rows, top=top))
-        totals["frozen"] = (sum(r.bytes for r in rows), sum(r.bytes_per_device for r in rows))
-    else:
-        parts.append(frozen_note)
-    lines = ["bytes per device (whole):"]
-    for name, (whole, per_dev) in totals.items():
-        lines.append(f"  {name:<16} {format_bytes(per_dev):>11}  ({format_bytes(whole)})")
-    all_dev = sum(v[1] for v in totals.values())
-    lines.append(f"  {'total':<16} {format_bytes(all_dev):>11}  (activations not included)")
-    parts.append("\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="jaxcodec shardings", description="Sharding and bytes per device of every parameter"
-    )
-    add_report_arguments(p)
-    return print_report(p.parse_args(argv))
-
-
-def print_report(args) -> int:
-    if args.devices:  # fake CPU devices: only before JAX has started a backend
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    print(report(args))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

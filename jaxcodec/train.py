@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import re
 import signal
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from jaxcodec.checkpoint import (
     CODEC_FILE,
     FROZEN_FILE,
     Checkpointer,
+    CodecBundle,
     TrainState,
     abstract_like,
     check_frozen_identity,
@@ -41,71 +41,23 @@ from jaxcodec.checkpoint import (
     save_bundle,
 )
 from jaxcodec.codec import build_bundle, load_frozen, stage_start
-from jaxcodec.methods import Method, Variables, get_method
+from jaxcodec.methods import Method, StageStart, Variables
 from jaxcodec.methods.base import pad_to_multiple, to_float
 from jaxcodec.nn import layers
+from jaxcodec.train_shapes import (  # noqa: F401  (re-exported: the loop's public API)
+    ModelShapes,
+    make_optimizer,
+    make_schedule,
+    merge_params,
+    model_shapes,
+    param_labels,
+    shardings,
+)
+from jaxcodec.train_shapes import mesh_devices as _devices
 
 
 class NonFiniteError(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser
-# ---------------------------------------------------------------------------------------------
-
-
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    warmup = int(cfg.get("warmup_steps", 0))
-    if cfg.schedule == "constant":
-        main = optax.constant_schedule(cfg.lr)
-    elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(
-            cfg.lr, max(total_steps - warmup, 1), cfg.get("end_factor", 0.0)
-        )
-    elif cfg.schedule == "step":
-        # Piecewise constant: multiply by `decay_factor` at each fraction in `decay_at`.
-        bounds = {int(f * total_steps) - warmup: cfg.decay_factor for f in cfg.decay_at}
-        main = optax.piecewise_constant_schedule(cfg.lr, bounds)
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}: use constant, cosine or step")
-    if warmup:
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
-    return main
-
-
-def param_labels(params: Any, cfg: ml_collections.ConfigDict, trainable: Any) -> Any:
-    """'frozen' for parameters matched by `cfg.frozen` regexes or frozen by the method's stage,
-    'aux' for entropy-bottleneck quantiles (own learning rate), 'main' otherwise."""
-    frozen = [re.compile(p) for p in cfg.get("frozen", ())]
-    aux = re.compile(cfg.get("aux_params", r"quantiles$"))
-
-    def label(path, _, train):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if not train or any(p.search(name) for p in frozen):
-            return "frozen"
-        return "aux" if aux.search(name) else "main"
-
-    return jax.tree_util.tree_map_with_path(label, nn.unbox(params), nn.unbox(trainable))
-
-
-def make_optimizer(
-    cfg: ml_collections.ConfigDict, total_steps: int, trainable: Any
-) -> optax.GradientTransformation:
-    def adam(lr):
-        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-    main = [adam(make_schedule(cfg, total_steps))]
-    if cfg.get("clip_norm"):
-        main.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
-    transforms = {
-        "main": optax.chain(*main),
-        "aux": adam(cfg.get("aux_lr", cfg.lr)),
-        "frozen": optax.set_to_zero(),
-    }
-    # Labels are computed on unboxed parameters; for logically partitioned (boxed) parameters
-    # the label tree is then a prefix of the parameter tree, which optax accepts.
-    return optax.multi_transform(transforms, lambda p: param_labels(nn.unbox(p), cfg, trainable))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,16 +365,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
-def _devices(config: ml_collections.ConfigDict) -> list:
-    n = int(config.mesh.get("num_devices", 0))
-    devices = jax.devices()
-    if n:
-        if n > len(devices):
-            raise ValueError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
-        devices = devices[:n]
-    return devices
-
-
 def _make_writer(workdir: Path):
     from clu import metric_writers
 
@@ -435,27 +377,6 @@ def _eval_images(config: ml_collections.ConfigDict) -> list[tuple[str, np.ndarra
     from jaxcodec.data import load_eval_images
 
     return load_eval_images(config.eval_data, max_images=config.eval_data.get("max_images"))
-
-
-def merge_params(init: Any, loaded: Any, path: str = "") -> Any:
-    """`init` with the subtrees of `loaded` put in place; a key `init` lacks or a shape that
-    differs is an error naming the parameter (boxed logical-axis leaves keep their axes)."""
-    if loaded is None:
-        return init
-    if isinstance(loaded, dict):
-        if not isinstance(init, dict):
-            raise ValueError(f"{path or '/'}: previous stage has a subtree, this stage a leaf")
-        unknown = set(loaded) - set(init)
-        if unknown:
-            raise ValueError(f"{path or '/'}: this stage has no {sorted(unknown)}")
-        return {k: merge_params(v, loaded.get(k), f"{path}/{k}") for k, v in init.items()}
-    value = init.unbox() if isinstance(init, nn.meta.AxisMetadata) else init
-    if tuple(value.shape) != tuple(np.shape(loaded)):
-        raise ValueError(
-            f"{path}: shape {np.shape(loaded)} from the previous stage, {value.shape} here"
-        )
-    new = jnp.asarray(loaded, value.dtype)
-    return init.replace_boxed(new) if isinstance(init, nn.meta.AxisMetadata) else new
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -497,52 +418,6 @@ class Prefetcher:
         return self.state
 
 
-@dataclasses.dataclass
-class ModelShapes:
-    """What the loop knows before any array exists: the method, the optimiser, the labels of
-    its parameters and the boxed (logical-axis) shapes of the train state."""
-
-    method: Method
-    tx: optax.GradientTransformation
-    labels: Any
-    init_state: Callable[[jax.Array, Any, Any], TrainState]  # (key, loaded params, state)
-    abstract_state: Any  # boxed
-    abstract_params: Any  # boxed
-    init_key: jax.Array
-    base_key: jax.Array
-
-
-def model_shapes(config: ml_collections.ConfigDict, method: Method | None = None) -> ModelShapes:
-    """The train state's shapes with their logical axes (`jax.eval_shape`: nothing is
-    allocated), the optimiser and the init function the jitted init runs."""
-    method = get_method(config) if method is None else method
-    dummy = method.dummy_batch(config.batch_size)
-    init_key, base_key = jax.random.split(jax.random.key(config.seed))
-    abstract_params = jax.eval_shape(method.init, init_key, dummy)["params"]
-    trainable = method.trainable_mask(nn.unbox(abstract_params))
-    tx = make_optimizer(config.optimizer, int(config.total_steps), trainable)
-    labels = param_labels(nn.unbox(abstract_params), config.optimizer, trainable)
-
-    def init_state(key: jax.Array, loaded_params: Any, loaded_state: Any) -> TrainState:
-        variables = dict(method.init(key, dummy))
-        params = merge_params(variables.pop("params"), loaded_params)
-        model_state = merge_params(variables, loaded_state)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            ema_params=params,
-            opt_state=tx.init(params),
-            model_state=model_state,
-            nonfinite_streak=jnp.zeros((), jnp.int32),
-            nonfinite_total=jnp.zeros((), jnp.int32),
-        )
-
-    abstract_state = jax.eval_shape(init_state, init_key, None, None)
-    return ModelShapes(
-        method, tx, labels, init_state, abstract_state, abstract_params, init_key, base_key
-    )
-
-
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     """The global batch must split over the data-parallel devices and the micro-batches."""
     shards = shd.data_parallel_size(mesh)
@@ -556,20 +431,6 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
             + (f" times {accum} micro-batches" if accum > 1 else "")
             + f"; use a multiple of {shards * accum} (or --config.mesh.num_devices)"
         )
-
-
-def shardings(config, mesh, shapes: ModelShapes, frozen: Any = None) -> tuple[Any, Any]:
-    """(train-state shardings, frozen shardings) from the logical axes through the config's
-    rules, with the size-gated fsdp fallback (`config.mesh.fsdp_min_bytes`). Frozen parts the
-    method gives no annotated shapes for are placed from their arrays (`frozen`)."""
-    rules = shd.rules_of(config)
-    min_bytes = config.mesh.get("fsdp_min_bytes", shd.DEFAULT_FSDP_MIN_BYTES)
-    min_bytes = None if min_bytes is None or min_bytes < 0 else int(min_bytes)
-    state = shd.tree_shardings(shapes.abstract_state, mesh, rules, min_bytes)
-    abstract_frozen = shapes.method.abstract_frozen()
-    if abstract_frozen is None:
-        abstract_frozen = {} if frozen is None else frozen
-    return state, shd.tree_shardings(abstract_frozen, mesh, rules, min_bytes)
 
 
 def make_train_step(config, shapes: ModelShapes, mesh, state_shardings, frozen_shardings):
@@ -644,10 +505,6 @@ def train_and_evaluate(
 
 
 def _train(config, workdir: Path, on_step) -> dict[str, Any]:
-    from clu import periodic_actions
-
-    from jaxcodec.data import make_train_iterator
-
     _check_resumable(config, workdir)
     total_steps = int(config.total_steps)
     finished = _finished_run(workdir, total_steps)
@@ -658,7 +515,89 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     writer = _make_writer(workdir)
 
     # --- Data ------------------------------------------------------------------------------
-    data_iter = make_train_iterator(
+    data_iter = _train_iterator(config)
+
+    # --- Model shapes ------------------------------------------------------------------------
+    shapes = model_shapes(config)
+    method = shapes.method
+
+    # --- Previous stage and frozen parts -----------------------------------------------------
+    parts = _frozen_parts(config, method, workdir)
+
+    # --- Mesh and shardings ------------------------------------------------------------------
+    layout = _layout(config, shapes, parts.host)
+    frozen = place(parts.host, layout.frozen)
+    _console(_model_line(config, shapes, parts, layout.mesh, workdir))
+
+    # --- Jitted init, or restore -------------------------------------------------------------
+    async_save = bool(config.get("checkpoint_async", False))
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=async_save)
+    run = _Run(config, workdir, method, layout, parts, frozen, ckpt, writer)
+    state, start_step = _init_or_restore(run, shapes, data_iter)
+    memory = _bytes_per_device(state, frozen)
+    logging.info("bytes per device: %s", memory)
+
+    # --- Jitted train step (compiled at the first batch, in the mesh and rules scope) ---------
+    step_fn = make_train_step(config, shapes, layout.mesh, layout.state, layout.frozen)
+
+    # --- Loop (metrics, evaluation, checkpoints, non-finite guard; the bundle at the end) ------
+    batches = Prefetcher(data_iter, layout.mesh, size=int(config.get("prefetch", 2)))
+    loop = _loop(run, state, start_step, step_fn, batches, on_step)
+
+    # --- Real files of the codec bundle -------------------------------------------------------
+    real_files = {}
+    if loop.bundle is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
+        real_files = _real_files(run, loop)
+    jax.block_until_ready(loop.state)
+    ckpt.close()
+    writer.flush()
+
+    # --- Summary -----------------------------------------------------------------------------
+    summary = _summary(run, loop, start_step, memory, real_files)
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@dataclasses.dataclass
+class FrozenParts:
+    """How the stage starts from the previous one, and every frozen part as host arrays with
+    its identity (source and digest)."""
+
+    start: StageStart
+    host: Any
+    identity: dict[str, dict]
+
+
+@dataclasses.dataclass
+class Layout:
+    """The mesh, its logical-axis rules, and where the train state and frozen parts live."""
+
+    mesh: Any
+    rules: list
+    state: Any  # train-state shardings
+    frozen: Any  # frozen-part shardings
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop runs on, built section by section before the first step."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    method: Method
+    layout: Layout
+    parts: FrozenParts
+    frozen: Any  # placed on the mesh
+    ckpt: Checkpointer
+    writer: Any
+
+
+def _train_iterator(config: ml_collections.ConfigDict):
+    """This process's share of every global batch, resumable (`get_state` / `set_state`)."""
+    from jaxcodec.data import make_train_iterator
+
+    return make_train_iterator(
         config.data,
         global_batch_size=config.batch_size,
         seed=config.seed,
@@ -666,165 +605,216 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         process_count=jax.process_count(),
     )
 
-    # --- Model shapes ------------------------------------------------------------------------
-    shapes = model_shapes(config)
-    method, init_key = shapes.method, shapes.init_key
 
-    # --- Previous stage and frozen parts -----------------------------------------------------
+def _frozen_parts(config, method: Method, workdir: Path) -> FrozenParts:
+    """The previous stage's model (copied into the workdir) and the pretrained parts, loaded
+    once; a resume with other frozen weights than the workdir recorded is refused."""
     start, previous = stage_start(method, config, workdir)
     source = f"{config.get('init_from')} (step {previous.step})" if previous else ""
-    frozen_host, identity = load_frozen(method, start.frozen, source)
+    host, identity = load_frozen(method, start.frozen, source)
     _check_frozen(workdir, identity)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.abstract_params))
-    num_frozen = sum(int(np.size(x)) for x in jax.tree.leaves(frozen_host))
+    return FrozenParts(start, host, identity)
 
-    # --- Mesh and shardings ------------------------------------------------------------------
+
+def _layout(config, shapes: ModelShapes, frozen_host: Any) -> Layout:
+    """The mesh over the configured devices (the batch must split over it) and the shardings
+    of the train state and the frozen parts."""
     mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, _devices(config))
     check_batch(config, mesh)
-    rules = shd.rules_of(config)
     state_shardings, frozen_shardings = shardings(config, mesh, shapes, frozen_host)
-    abstract_state = nn.unbox(shapes.abstract_state)
-    frozen = place(frozen_host, frozen_shardings)
-    _console(
-        f"{config.method} stage {method.stage} ({config.get('variant', '')}): "
+    return Layout(mesh, shd.rules_of(config), state_shardings, frozen_shardings)
+
+
+def _model_line(config, shapes: ModelShapes, parts: FrozenParts, mesh, workdir: Path) -> str:
+    """The console's first line: what trains, on what mesh, and where the log goes."""
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.abstract_params))
+    num_frozen = sum(int(np.size(x)) for x in jax.tree.leaves(parts.host))
+    return (
+        f"{config.method} stage {shapes.method.stage} ({config.get('variant', '')}): "
         f"{num_params:,} trainable parameters, {num_frozen:,} frozen; mesh {dict(mesh.shape)}; "
         f"log: {workdir / 'train.log'}"
     )
 
-    # --- Jitted init, or restore -------------------------------------------------------------
-    async_save = bool(config.get("checkpoint_async", False))
-    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=async_save)
+
+def _init_or_restore(run: _Run, shapes: ModelShapes, data_iter) -> tuple[TrainState, int]:
+    """(train state, its step): the latest checkpoint with the data iterator's position, or
+    the jitted init with what the previous stage hands over, placed on the mesh."""
+    layout, ckpt = run.layout, run.ckpt
     start_step = ckpt.latest_step()
     if start_step is not None:
-        target = abstract_like(abstract_state, state_shardings)
+        target = abstract_like(nn.unbox(shapes.abstract_state), layout.state)
         state, data_state = ckpt.restore(start_step, target)
         if data_state is not None:
             data_iter.set_state(data_state)
         else:
             logging.warning("checkpoint %d has no data-iterator state: data restarts", start_step)
-        _console(f"resumed from step {start_step} in {workdir}")
-    else:
-        start_step = 0
-        init_state = shapes.init_state
-        with shd.scope(mesh, rules):
-            state = jax.jit(
-                lambda k, p, s: nn.unbox(init_state(k, p, s)), out_shardings=state_shardings
-            )(init_key, start.params, start.state)
-    memory = {
+        _console(f"resumed from step {start_step} in {run.workdir}")
+        return state, start_step
+    init_state, start = shapes.init_state, run.parts.start
+    with shd.scope(layout.mesh, layout.rules):
+        state = jax.jit(lambda k, p, s: nn.unbox(init_state(k, p, s)), out_shardings=layout.state)(
+            shapes.init_key, start.params, start.state
+        )
+    return state, 0
+
+
+def _bytes_per_device(state: TrainState, frozen: Any) -> dict[str, int]:
+    return {
         "params": shd.array_bytes_per_device(state.params),
         "ema_params": shd.array_bytes_per_device(state.ema_params),
         "opt_state": shd.array_bytes_per_device(state.opt_state),
         "model_state": shd.array_bytes_per_device(state.model_state),
         "frozen": shd.array_bytes_per_device(frozen),
     }
-    logging.info("bytes per device: %s", memory)
 
-    # --- Jitted train step (compiled at the first batch, in the mesh and rules scope) ---------
-    step_fn = make_train_step(config, shapes, mesh, state_shardings, frozen_shardings)
-    compiled_step = None
-    speed = None
 
-    # --- Loop --------------------------------------------------------------------------------
-    history: list[dict[str, float]] = []
-    last_eval: dict[str, float] = {}
+@dataclasses.dataclass
+class _Clock:
+    """Seconds of training between log lines: evaluation and checkpoints are left out."""
+
+    t_first: float  # after the first step of this run (which compiles)
+    first_step: int
+    t_log: float
+    log_step: int
+    paused: float = 0.0  # evaluation and checkpoint seconds since the last log line
+    train_seconds: float = 0.0
+
+    @classmethod
+    def start(cls, step: int) -> "_Clock":
+        now = time.perf_counter()
+        return cls(now, step, now, step)
+
+    def lap(self, step: int) -> float:
+        """Steps per second since the last log line (0 if none ran)."""
+        now = time.perf_counter()
+        busy = now - self.t_log - self.paused
+        rate = (step - self.log_step) / busy if step > self.log_step and busy > 0 else 0.0
+        self.train_seconds += max(busy, 0.0) if step > self.log_step else 0.0
+        self.t_log, self.log_step, self.paused = now, step, 0.0
+        return rate
+
+
+class _MetricLog:
+    """The steps' metrics, fetched once per log interval: written to the metric writer and the
+    history, shown as one console line, and checked for a run of non-finite steps."""
+
+    def __init__(self, run: _Run, on_step: Callable[[int, dict], None] | None):
+        self.run, self.on_step = run, on_step
+        self.total_steps = int(run.config.total_steps)
+        self.max_streak = int(run.config.max_consecutive_nonfinite)
+        self.keys = ("loss", *run.method.console_metrics)
+        self.pending: list[dict[str, jax.Array]] = []
+        self.history: list[dict[str, float]] = []
+        self.streak = 0  # consecutive non-finite steps, read from the metrics at log time
+
+    def flush(self, step: int, state: TrainState, rate: float, speed) -> None:
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        self._check_finite(fetched)
+        logged = _mean_metrics(fetched)
+        logged["nonfinite_total"] = float(state.nonfinite_total)
+        writer = self.run.writer
+        writer.write_scalars(step, logged)
+        self.history.append({"step": step, **logged})
+        eta = _format_duration((self.total_steps - step) / rate) if rate else "?"
+        shown = "  ".join(f"{k} {logged[k]:.4g}" for k in self.keys if k in logged)
+        skipped = f"  skipped {int(logged['nonfinite_total'])}" if self.streak else ""
+        speed_text = ""
+        if rate:
+            perf = speed.at(rate)
+            writer.write_scalars(step, {f"perf/{k}": v for k, v in perf.items()})
+            speed_text = "  " + speed.format(perf)
+        _console(
+            f"step {step}/{self.total_steps}  {shown}  {rate:.2f} steps/s{speed_text}  "
+            f"ETA {eta}{skipped}"
+        )
+        if self.on_step is not None:
+            self.on_step(step, logged)
+
+    def _check_finite(self, fetched: list[dict[str, Any]]) -> None:
+        for m in fetched:
+            self.streak = 0 if bool(m["step_finite"]) else self.streak + 1
+            if self.streak >= self.max_streak:
+                ckpt = self.run.ckpt
+                ckpt.close()
+                raise NonFiniteError(
+                    f"{self.streak} consecutive steps had a non-finite loss or gradients "
+                    f"(limit config.max_consecutive_nonfinite={self.max_streak}); last good "
+                    f"checkpoint: step {ckpt.latest_step()} in {self.run.workdir}"
+                )
+
+
+@dataclasses.dataclass
+class _LoopEnd:
+    """Where the loop stopped and what it gathered on the way."""
+
+    state: TrainState
+    step: int  # the last step run
+    clock: _Clock
+    history: list[dict[str, float]]
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    speed: tput.Throughput | None = None  # None when no step ran
+    bundle: CodecBundle | None = None  # written after the final step
+    preempted: bool = False
+    eval_images: list[tuple[str, np.ndarray]] | None = None  # loaded at the first evaluation
+
+
+def _loop(run: _Run, state, start_step: int, step_fn, batches, on_step) -> _LoopEnd:
+    """Steps from `start_step` to `config.total_steps`: the step (compiled at the first batch),
+    log lines, evaluations, checkpoints, and the codec bundle after the final step; stops
+    early with a checkpoint on SIGTERM."""
+    from clu import periodic_actions
+
+    config, ckpt, writer, layout = run.config, run.ckpt, run.writer, run.layout
+    total_steps = int(config.total_steps)
+    compiled_step, speed = None, None
     hooks = []
     if jax.process_index() == 0:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer))
-    pending: list[dict[str, jax.Array]] = []
-    eval_images = None
-    evaluator = Evaluator(method, mesh, config.seed, rules)
-    stride = method.stride
-    max_streak = int(config.max_consecutive_nonfinite)
-    streak = 0  # consecutive non-finite steps, read from the metrics at log time
+    log = _MetricLog(run, on_step)
+    evaluator = Evaluator(run.method, layout.mesh, config.seed, layout.rules)
+    stride = run.method.stride
     writer.write_hparams(
         {k: v for k, v in _flat(config).items() if isinstance(v, int | float | str | bool)}
     )
-    console_keys = ("loss", *method.console_metrics)
-    batches = Prefetcher(data_iter, mesh, size=int(config.get("prefetch", 2)))
-
-    bundle = None
+    async_save = bool(config.get("checkpoint_async", False))
+    end = _LoopEnd(state, start_step, _Clock.start(start_step), history=log.history)
     with _Preemption() as preemption:
-        step, t_first, first_step = start_step, time.perf_counter(), start_step
-        t_log, log_step = t_first, start_step
-        paused = 0.0  # evaluation and checkpoint seconds, left out of the throughput
-        train_seconds = 0.0
         for step in range(start_step + 1, total_steps + 1):
+            end.step = step
             batch = next(batches)
             if compiled_step is None:
                 compiled_step, speed = compile_train_step(
-                    config, step_fn, mesh, rules, state, frozen, batch
+                    config, step_fn, layout.mesh, layout.rules, state, run.frozen, batch
                 )
+                end.speed = speed
                 _console(_compiled_line(speed, jax.devices()[0].device_kind))
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = compiled_step(state, frozen, batch)
+                state, metrics = compiled_step(state, run.frozen, batch)
+            end.state = state
             if step == start_step + 1:
                 jax.block_until_ready(state)  # the first step pays for the first transfers
-                t_first, first_step = time.perf_counter(), step
-                t_log, log_step = t_first, step
+                end.clock = _Clock.start(step)
             for hook in hooks:
                 hook(step)
-            pending.append(metrics)
-
+            log.pending.append(metrics)
             if step % config.log_every == 0 or step == total_steps or preemption.requested:
-                fetched = jax.device_get(pending)
-                pending = []
-                for m in fetched:
-                    streak = 0 if bool(m["step_finite"]) else streak + 1
-                    if streak >= max_streak:
-                        ckpt.close()
-                        raise NonFiniteError(
-                            f"{streak} consecutive steps had a non-finite loss or gradients "
-                            f"(limit config.max_consecutive_nonfinite={max_streak}); last good "
-                            f"checkpoint: step {ckpt.latest_step()} in {workdir}"
-                        )
-                logged = _mean_metrics(fetched)
-                logged["nonfinite_total"] = float(state.nonfinite_total)
-                writer.write_scalars(step, logged)
-                history.append({"step": step, **logged})
-                now = time.perf_counter()
-                busy = now - t_log - paused
-                rate = (step - log_step) / busy if step > log_step and busy > 0 else 0.0
-                train_seconds += max(busy, 0.0) if step > log_step else 0.0
-                t_log, log_step, paused = now, step, 0.0
-                eta = _format_duration((total_steps - step) / rate) if rate else "?"
-                shown = "  ".join(f"{k} {logged[k]:.4g}" for k in console_keys if k in logged)
-                skipped = f"  skipped {int(logged['nonfinite_total'])}" if streak else ""
-                speed_text = ""
-                if rate:
-                    perf = speed.at(rate)
-                    writer.write_scalars(step, {f"perf/{k}": v for k, v in perf.items()})
-                    speed_text = "  " + speed.format(perf)
-                _console(
-                    f"step {step}/{total_steps}  {shown}  {rate:.2f} steps/s{speed_text}  "
-                    f"ETA {eta}{skipped}"
-                )
-                if on_step is not None:
-                    on_step(step, logged)
+                log.flush(step, state, end.clock.lap(step), speed)
 
             t_pause = time.perf_counter()
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
-                if eval_images is None:
-                    eval_images = _eval_images(config)
-                variables = Variables(state.ema_params, state.model_state, frozen)
-                last_eval, recons = evaluator(variables, eval_images, stride)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
-                n = int(config.get("num_eval_images_logged", 2))
-                writer.write_images(
-                    step, {f"eval/recon_{i}": r[None] for i, r in enumerate(recons[:n])}
-                )
-                _console(f"eval at step {step}: " + _format_metrics(last_eval))
-
+                if end.eval_images is None:
+                    end.eval_images = _eval_images(config)
+                end.last_eval = _evaluate_ema(run, evaluator, state, end.eval_images, stride, step)
             final = step == total_steps
             if step % config.checkpoint_every == 0 or final or preemption.requested:
                 # An async save reads the arrays after this call returns, while the next step
                 # donates (overwrites) their buffers: give it a copy of its own.
                 saved = jax.tree.map(jnp.copy, state) if async_save else state
                 ckpt.save(step, saved, batches.get_state())
-            paused += time.perf_counter() - t_pause
+            end.clock.paused += time.perf_counter() - t_pause
             if final:
-                bundle = _write_bundle(
-                    method, config, state, start.frozen, identity, step, workdir, ckpt
-                )
+                end.bundle = _write_bundle(run, state, step)
             if preemption.requested:
                 logging.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
                 _console(
@@ -832,50 +822,69 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
                     "resumes"
                 )
                 break
+    end.preempted = bool(preemption.requested)
+    return end
 
-    real_files = {}
-    if bundle is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
-        from jaxcodec.codec import MethodCodec
 
-        if eval_images is None:
-            eval_images = _eval_images(config)
-        variables = Variables(bundle.params, bundle.state, frozen_host)
-        codec = MethodCodec(
-            method, variables, bundle.tables, name=method.name, frozen_identity=identity
-        )
-        real_files = real_file_evaluation(codec, eval_images, workdir / "final_eval")
-        scalars = {k: v for k, v in real_files.items() if isinstance(v, int | float)}
-        writer.write_scalars(step, {f"real_files/{k}": v for k, v in scalars.items()})
-        logging.info("real files at step %d: %s", step, real_files)
-    jax.block_until_ready(state)
-    timed_steps = step - first_step if step > start_step else 0
-    ckpt.close()
-    writer.flush()
+def _evaluate_ema(run: _Run, evaluator: Evaluator, state, images, stride: int, step: int):
+    """The EMA model's mean metrics on the evaluation images, written and shown."""
+    variables = Variables(state.ema_params, state.model_state, run.frozen)
+    metrics, recons = evaluator(variables, images, stride)
+    run.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    n = int(run.config.get("num_eval_images_logged", 2))
+    run.writer.write_images(step, {f"eval/recon_{i}": r[None] for i, r in enumerate(recons[:n])})
+    _console(f"eval at step {step}: " + _format_metrics(metrics))
+    return metrics
+
+
+def _real_files(run: _Run, loop: _LoopEnd) -> dict[str, Any]:
+    """Real `.jxc` files of the evaluation images from the codec bundle just written."""
+    from jaxcodec.codec import MethodCodec
+
+    if loop.eval_images is None:
+        loop.eval_images = _eval_images(run.config)
+    bundle = loop.bundle
+    variables = Variables(bundle.params, bundle.state, run.parts.host)
+    codec = MethodCodec(
+        run.method,
+        variables,
+        bundle.tables,
+        name=run.method.name,
+        frozen_identity=run.parts.identity,
+    )
+    real_files = real_file_evaluation(codec, loop.eval_images, run.workdir / "final_eval")
+    scalars = {k: v for k, v in real_files.items() if isinstance(v, int | float)}
+    run.writer.write_scalars(loop.step, {f"real_files/{k}": v for k, v in scalars.items()})
+    logging.info("real files at step %d: %s", loop.step, real_files)
+    return real_files
+
+
+def _summary(run: _Run, loop: _LoopEnd, start_step: int, memory, real_files) -> dict[str, Any]:
+    step, clock, speed = loop.step, loop.clock, loop.speed
+    timed_steps = step - clock.first_step if step > start_step else 0
     perf = {}
     if speed is not None:
         perf = speed.describe() | {"device_kind": jax.devices()[0].device_kind}
-        if timed_steps and train_seconds > 0:
-            perf |= speed.at(timed_steps / train_seconds)
-    summary = {
+        if timed_steps and clock.train_seconds > 0:
+            perf |= speed.at(timed_steps / clock.train_seconds)
+    elapsed = time.perf_counter() - clock.t_first
+    return {
         # Steady-state speed: steps after the first (which compiles), including data,
         # logging, evaluation and checkpoint time.
-        "steps_per_sec": timed_steps / (time.perf_counter() - t_first) if timed_steps else None,
+        "steps_per_sec": timed_steps / elapsed if timed_steps else None,
         # Training alone (evaluation and checkpoints left out): examples/s, TFLOP/s per
         # device (XLA's cost analysis of the compiled step) and MFU against the peak.
         "throughput": perf,
         "bytes_per_device": memory,
         "final_step": step,
-        "preempted": bool(preemption.requested),  # stopped on SIGTERM before total_steps
+        "preempted": loop.preempted,  # stopped on SIGTERM before total_steps
         "resumed_from": start_step,
-        "history": history,
-        "eval": last_eval,
+        "history": loop.history,
+        "eval": loop.last_eval,
         "real_files": real_files,
-        "nonfinite_total": int(state.nonfinite_total),
-        "codec": str(workdir / CODEC_FILE) if bundle is not None else None,
+        "nonfinite_total": int(loop.state.nonfinite_total),
+        "codec": str(run.workdir / CODEC_FILE) if loop.bundle is not None else None,
     }
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _finished_run(workdir: Path, total_steps: int) -> dict[str, Any] | None:
@@ -889,14 +898,17 @@ def _finished_run(workdir: Path, total_steps: int) -> dict[str, Any] | None:
     return summary | {"resumed_from": total_steps, "already_trained": True}
 
 
-def _write_bundle(method, config, state, stage_frozen, identity, step, workdir, ckpt):
+def _write_bundle(run: _Run, state: TrainState, step: int) -> CodecBundle:
     """The portable codec bundle of the final EMA model (every process gathers the arrays,
     process 0 writes). A failure while building tables never loses the saved checkpoint."""
     params, model_state = host_params((state.ema_params, state.model_state))
+    stage_frozen, identity, workdir = run.parts.start.frozen, run.parts.identity, run.workdir
     try:
-        bundle = build_bundle(method, config, params, model_state, stage_frozen, identity, step)
+        bundle = build_bundle(
+            run.method, run.config, params, model_state, stage_frozen, identity, step
+        )
     except Exception as exc:
-        ckpt.close()
+        run.ckpt.close()
         raise RuntimeError(
             f"building the entropy tables failed; the trained state is saved at step {step} in "
             f"{workdir} (retry with `jaxcodec export --checkpoint {workdir}`)"

@@ -194,3 +194,131 @@ def test_the_cli_keeps_compiled_decoders_on_disk(tmp_path, monkeypatch):
         assert jax.config.jax_compilation_cache_dir == before
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many files, one process
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_folder(path):
+    """Images of two padded sizes (three of 128x192, one of 64x64), a file that is not an
+    image and one that pretends to be."""
+    path.mkdir()
+    images = {
+        "a": photo(100, 130),
+        "b": np.roll(photo(120, 150), 17, axis=1),
+        "c": np.ascontiguousarray(photo(128, 192)[::-1]),
+        "d": photo(64, 64),
+    }
+    for name, image in images.items():
+        Image.fromarray(image).save(path / f"{name}.png")
+    (path / "notes.txt").write_text("not an image")
+    (path / "broken.png").write_bytes(b"not an image either")
+    return images
+
+
+def test_folders_code_in_one_process_exactly_as_one_file_at_a_time(
+    workdir, codec, tmp_path, capsys
+):
+    images = _image_folder(tmp_path / "images")
+    jxc, png = tmp_path / "jxc", tmp_path / "png"
+    many = ["--checkpoint", str(workdir), "--batch-size", "2", "--quiet"]
+    assert cli.main(["compress", str(tmp_path / "images"), str(jxc), *many]) == 1
+    out = capsys.readouterr()
+    assert "skipped" in out.err and "broken.png" in out.err and "1 of 5 files skipped" in out.err
+    assert "4 files" in out.out and "bpp" in out.out
+    assert sorted(p.name for p in jxc.iterdir()) == ["a.jxc", "b.jxc", "c.jxc", "d.jxc"]
+    # Byte for byte what one-at-a-time calls write: the CLI's one-file form, and the codec.
+    one = tmp_path / "b.jxc"
+    single = ["compress", str(tmp_path / "images" / "b.png"), str(one), "--checkpoint"]
+    assert cli.main([*single, str(workdir)]) == 0
+    assert one.read_bytes() == (jxc / "b.jxc").read_bytes()
+    for name, image in images.items():
+        assert (jxc / f"{name}.jxc").read_bytes() == codec.compress(image), name
+
+    (jxc / "cut.jxc").write_bytes((jxc / "a.jxc").read_bytes()[:-5])  # truncated: skipped
+    assert cli.main(["decompress", str(jxc), str(png), *many]) == 1
+    assert "cut.jxc" in capsys.readouterr().err
+    assert sorted(p.name for p in png.iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
+    for name in images:
+        decoded = np.asarray(Image.open(png / f"{name}.png"))
+        np.testing.assert_array_equal(decoded, codec.decompress((jxc / f"{name}.jxc").read_bytes()))
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_lists_of_files_and_the_errors_of_the_many_file_form(workdir, tmp_path, capsys):
+    a, b, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out"
+    Image.fromarray(photo(64, 64)).save(a)
+    Image.fromarray(photo(64, 70)).save(b)
+    ckpt = ["--checkpoint", str(workdir)]
+    # A list of files into a folder that does not exist yet; options may sit between paths.
+    assert cli.main(["compress", str(a), str(b), *ckpt, str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'a.jxc'}: " in printed and "2 files" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["a.jxc", "b.jxc"]
+    # One file into an existing folder keeps its name.
+    assert cli.main(["decompress", str(out / "a.jxc"), str(tmp_path), *ckpt]) == 0
+    assert np.asarray(Image.open(tmp_path / "a.png")).shape == (64, 64, 3)
+
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(photo(64, 64)).save(tmp_path / "sub" / "a.png")
+    (tmp_path / "empty").mkdir()
+    errors = {
+        "is a file": [str(a), str(b), str(tmp_path / "a.png")],
+        "not both": [str(tmp_path / "sub"), str(a), str(out)],
+        "would both be written": [str(a), str(tmp_path / "sub" / "a.png"), str(out)],
+        "no .png": [str(tmp_path / "empty"), str(out)],
+        "needs an input and an output": [str(a)],
+        "--batch-size 0": [str(a), str(b), str(out), "--batch-size", "0"],
+    }
+    for message, paths in errors.items():
+        assert cli.main(["compress", *paths, *ckpt]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_batched_coding_equals_single_calls_through_tiles(workdir):
+    """The batched synthesis runs tile by tile for all images at once; with tiles of 4 latent
+    pixels a 120x180 image is 2x3 tiles with halos."""
+    codec = load_codec(workdir)  # its own coder, re-tiled
+    codec.coder.tile, codec.coder.halo = 4, 2
+    images = [np.roll(photo(120, 180), 23 * i, axis=1) for i in range(3)]
+    files = codec.compress_batch(images)
+    assert files == [codec.compress(image) for image in images]
+    for data, image in zip(files, codec.decompress_batch(files), strict=True):
+        np.testing.assert_array_equal(image, codec.decompress(data))
+        assert image.shape == (120, 180, 3)
+
+
+def test_exact_batches_fall_back_to_single_calls_where_a_batch_rounds_differently():
+    import jax.numpy as jnp
+
+    from jaxcodec.methods.base import ExactBatches
+
+    calls = []
+
+    def rounds_by_batch(x):  # as another convolution algorithm for another batch size can
+        calls.append(x.shape[0])
+        return x * 3.0 + (1e-6 if x.shape[0] > 1 else 0.0)
+
+    def exact(x):
+        calls.append(x.shape[0])
+        return {"y": x * 3.0, "n": jnp.sum(x, axis=1)}
+
+    x = jnp.arange(12.0).reshape(4, 3) / 7.0
+    batches = ExactBatches()
+    out = batches("f", rounds_by_batch, x)
+    np.testing.assert_array_equal(out, x * 3.0)
+    assert batches.exact == {("f", (4, 3), "float32"): False}
+    calls.clear()
+    np.testing.assert_array_equal(batches("f", rounds_by_batch, x), x * 3.0)
+    assert calls == [1, 1, 1, 1]  # decided once per shape
+
+    calls.clear()
+    out = batches("g", exact, x)
+    np.testing.assert_array_equal(out["y"], x * 3.0)
+    assert calls == [4, 1, 1] and batches.exact[("g", (4, 3), "float32")]
+    calls.clear()
+    batches("g", exact, x)
+    assert calls == [4]

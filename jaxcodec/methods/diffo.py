@@ -20,6 +20,7 @@ users without taming's weights; its model codes the VQGAN's own indices.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -37,10 +38,10 @@ from jaxcodec.diffusion.losses import residual_shift_training_sample
 from jaxcodec.entropy import coder, fixedpoint
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.methods import BitstreamCoder, Method, Pretrained, StageStart, Variables, register
-from jaxcodec.methods.base import psnr_from_mse, to_float, to_uint8
+from jaxcodec.methods.base import ExactBatches, psnr_from_mse, to_float, to_uint8
 from jaxcodec.metrics.lpips import LPIPS, lpips_params
 from jaxcodec.nn.resshift import ResShiftDenoiser
-from jaxcodec.nn.tiling import synthesise_tiled
+from jaxcodec.nn.tiling import synthesise_tiled_batch
 from jaxcodec.nn.unet import UNetConfig
 from jaxcodec.nn.vae import VAEConfig, VQModel, vae_param_shapes
 
@@ -409,6 +410,7 @@ class DiffOCoder(BitstreamCoder):
         self.tile, self.halo = int(method.config.decode.tile), int(method.config.decode.halo)
         self._analyse = jax.jit(method.analyse)
         self._render = jax.jit(method.render)
+        self._batches = ExactBatches()
 
     def options(self) -> dict[str, Any]:
         d = self.method.config.decode
@@ -429,20 +431,31 @@ class DiffOCoder(BitstreamCoder):
         return r + 1
 
     def compress(self, variables, tables, image, options):
+        return self.compress_batch(variables, tables, image[None], options)[0]
+
+    def compress_batch(self, variables, tables, images, options):
+        """The analysis of all images in one call, then each image's indices coded alone."""
         depth = self._depth(options)
         t0 = time.perf_counter()
-        x = jnp.asarray(image, jnp.float32)[None] / 255.0
-        idx = np.asarray(self._analyse(variables.params, variables.state, variables.frozen, x))[0]
-        t1 = time.perf_counter()
-        enc = coder.new_encoder()
-        for k in range(depth):
-            vq_lib.encode_indices(enc, tables[f"stage_{k}"], idx[..., k])
-        info = {
-            "indices": idx[..., :depth],
-            "analysis_s": t1 - t0,
-            "entropy_s": time.perf_counter() - t1,
-        }
-        return [coder.finish(enc)], info
+        x = jnp.asarray(images, jnp.float32) / 255.0
+        analyse = functools.partial(
+            self._analyse, variables.params, variables.state, variables.frozen
+        )
+        indices = np.asarray(self._batches("analyse", analyse, x))
+        analysis_s = (time.perf_counter() - t0) / len(indices)
+        out = []
+        for idx in indices:
+            t1 = time.perf_counter()
+            enc = coder.new_encoder()
+            for k in range(depth):
+                vq_lib.encode_indices(enc, tables[f"stage_{k}"], idx[..., k])
+            info = {
+                "indices": idx[..., :depth],
+                "analysis_s": analysis_s,
+                "entropy_s": time.perf_counter() - t1,
+            }
+            out.append(([coder.finish(enc)], info))
+        return out
 
     def decode_indices(self, tables, stream: bytes, hw, depth: int) -> np.ndarray:
         shape = (hw[0] // self.stride, hw[1] // self.stride)
@@ -455,22 +468,39 @@ class DiffOCoder(BitstreamCoder):
         t0 = time.perf_counter()
         idx = self.decode_indices(tables, streams[0], hw, depth)
         t1 = time.perf_counter()
+        image = self._render_tiled(variables, tables, idx[None], options, rng)[0]
+        info = {"indices": idx, "entropy_s": t1 - t0, "synthesis_s": time.perf_counter() - t1}
+        return image, info
+
+    def decompress_batch(self, variables, tables, streams_list, hw, options, rng):
+        """Entropy decoding file by file, then each tile of the rendering for all in one call."""
+        depth = self._depth(options)
+        idx = np.stack([self.decode_indices(tables, s[0], hw, depth) for s in streams_list])
+        return self._render_tiled(variables, tables, idx, options, rng)
+
+    def _render_tiled(self, variables, tables, idx: np.ndarray, options, rng) -> np.ndarray:
+        """Indices [N, h, w, depth] → uint8 images [N, H, W, 3]; every image of a batch gets the
+        same seeded noise, as it would alone (a function of the seed and the size only)."""
         m = self.method
-        full = np.zeros((*idx.shape[:2], m.num_rates), np.float32)
+        n, h, w, depth = idx.shape
+        full = np.zeros((n, h, w, m.num_rates), np.float32)
         full[..., :depth] = idx
-        latent = np.concatenate([full, m.noise(rng, idx.shape[:2])], axis=-1)
+        noise = m.noise(rng, (h, w))
+        latent = np.concatenate([full, np.broadcast_to(noise, (n, *noise.shape))], axis=-1)
         level = m.level(depth - 1, options.get("noise_level", 1.0)) if m.stage == 2 else 0.0
         codebooks = jnp.asarray(m.codebooks(tables))
         p, f = variables.params, variables.frozen
-        image = synthesise_tiled(
-            lambda win: self._render(p, f, codebooks, jnp.asarray(win), depth, level),
+
+        def render(win):
+            return self._render(p, f, codebooks, win, depth, level)
+
+        return synthesise_tiled_batch(
+            lambda win: self._batches("render", render, jnp.asarray(win)),
             latent,
             scale=self.stride,
             tile=self.tile,
             halo=self.halo,
         )
-        info = {"indices": idx, "entropy_s": t1 - t0, "synthesis_s": time.perf_counter() - t1}
-        return image, info
 
 
 def _tuples(d: dict) -> dict:

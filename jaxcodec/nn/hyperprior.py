@@ -19,8 +19,8 @@ from jaxcodec.entropy import context as context_lib
 from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
-from jaxcodec.methods.base import BitstreamCoder, Variables, to_uint8
-from jaxcodec.nn.tiling import synthesise_tiled
+from jaxcodec.methods.base import BitstreamCoder, ExactBatches, Variables, to_uint8
+from jaxcodec.nn.tiling import synthesise_tiled_batch
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
     HyperAnalysis,
@@ -232,6 +232,7 @@ class HyperpriorCoding(BitstreamCoder):
         self._synthesise = jax.jit(
             lambda v, y: to_uint8(self.model.apply(v, y, method="synthesise"))
         )
+        self._batches = ExactBatches()
 
     def entropy_tables(self, variables: Variables) -> dict:
         params = jax.tree.map(np.asarray, variables.params)
@@ -268,20 +269,37 @@ class HyperpriorCoding(BitstreamCoder):
         self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
     ) -> tuple[list[bytes], dict]:
         """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+        return self.compress_batch(variables, tables, image[None], options)[0]
+
+    def compress_batch(
+        self, variables: Variables, tables, images: np.ndarray, options: Mapping[str, Any]
+    ) -> list[tuple[list[bytes], dict]]:
+        """images: uint8 [N, H, W, 3] → one (streams, info) per image: the float analysis of
+        all of them in one call, then each image range-coded on its own."""
         v = variables.collections()
-        x = jnp.asarray(image, jnp.float32)[None] / 255.0
-        y, z = self._analyse(v, x)
+        x = jnp.asarray(images, jnp.float32) / 255.0
+        y, z = self._batches("analyse", lambda x: self._analyse(v, x), x)
+        z_idx = None
+        if self.model.hyper == "vq":
+            z_idx = np.asarray(self._batches("indices", lambda z: self._indices(v, z), z))
+        y, z = np.asarray(y), np.asarray(z)
+        return [
+            self._code(tables, y[i], z[i] if z_idx is None else z_idx[i]) for i in range(len(y))
+        ]
+
+    def _code(self, tables, y: np.ndarray, z: np.ndarray) -> tuple[list[bytes], dict]:
+        """Range-codes one image's latents: z [h, w, N] (or its VQ indices [h, w]), then y."""
         enc_z = coder.new_encoder()
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
         if self.model.hyper == "vq":
-            z_sym = np.asarray(self._indices(v, z))[0]
+            z_sym = z
             vq_lib.encode_indices(enc_z, tables["z"], z_sym)
             z_hat_q = vq_lib.dequantize_indices(tables["z"], z_sym)
         else:
-            z_hat_q = encode_factorized(enc_z, tables["z"], np.asarray(z)[0])
+            z_hat_q = encode_factorized(enc_z, tables["z"], z)
             z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
         enc_y = coder.new_encoder()
-        _, y_sym, idx = self._code_y(tables, z_hat_q, y=np.asarray(y)[0], encoder=enc_y)
+        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y, encoder=enc_y)
         streams = [coder.finish(enc_z), coder.finish(enc_y)]
         info = {
             "y_symbols": y_sym,
@@ -314,9 +332,13 @@ class HyperpriorCoding(BitstreamCoder):
 
     def synthesise(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
         """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles."""
+        return self.synthesise_batch(variables, y_hat[None])[0]
+
+    def synthesise_batch(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
+        """y_hat [N, h, w, M] → uint8 images [N, H, W, 3]: each tile of all N in one call."""
         v = variables.collections()
-        return synthesise_tiled(
-            lambda y: self._synthesise(v, jnp.asarray(y)),
+        return synthesise_tiled_batch(
+            lambda y: self._batches("synthesise", lambda t: self._synthesise(v, t), jnp.asarray(y)),
             y_hat,
             scale=Y_STRIDE,
             tile=self.tile,
@@ -332,9 +354,7 @@ class HyperpriorCoding(BitstreamCoder):
         return image, info | self.last_timings
 
     def decompress_batch(self, variables, tables, streams_list, hw, options, rng=None):
-        """Several files of the same padded size: latents on the host, one batched g_s when the
-        image fits one tile."""
+        """Several files of the same padded size: latents on the host, then each tile of the
+        synthesis for all of them in one call."""
         y_hat = np.stack([self.decode_latents(tables, s, hw)[0] for s in streams_list])
-        if max(y_hat.shape[1:3]) > self.tile:
-            return np.stack([self.synthesise(variables, y) for y in y_hat])
-        return np.asarray(self._synthesise(variables.collections(), jnp.asarray(y_hat)))
+        return self.synthesise_batch(variables, y_hat)

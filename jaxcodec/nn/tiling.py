@@ -24,25 +24,40 @@ def synthesise_tiled(
     latent [h, w, C] → image [h·scale, w·scale, c]. Latents no larger than `tile` on both
     sides are synthesised whole.
     """
-    h, w = latent.shape[:2]
+    return synthesise_tiled_batch(synthesise, latent[None], scale=scale, tile=tile, halo=halo)[0]
+
+
+def synthesise_tiled_batch(
+    synthesise: Callable[[np.ndarray], np.ndarray],
+    latents: np.ndarray,
+    *,
+    scale: int,
+    tile: int,
+    halo: int,
+) -> np.ndarray:
+    """Latents [N, h, w, C] of one size → images [N, h·scale, w·scale, c]: the same tiles as
+    `synthesise_tiled`, each one synthesised for all N images in one call."""
+    n, h, w = latents.shape[:3]
     if h <= tile and w <= tile:
-        return np.asarray(synthesise(latent[None]))[0]
+        return np.asarray(synthesise(latents))
     rows, cols = -(-h // tile), -(-w // tile)
     padded = np.pad(
-        latent,
-        ((halo, rows * tile - h + halo), (halo, cols * tile - w + halo), (0, 0)),
+        latents,
+        ((0, 0), (halo, rows * tile - h + halo), (halo, cols * tile - w + halo), (0, 0)),
         mode="edge",
     )
     out = None
+    span = tile + 2 * halo
     for i in range(rows):
         for j in range(cols):
-            span = tile + 2 * halo
-            window = padded[i * tile : i * tile + span, j * tile : j * tile + span]
-            piece = np.asarray(synthesise(window[None]))[0]
+            window = padded[:, i * tile : i * tile + span, j * tile : j * tile + span]
+            piece = np.asarray(synthesise(window))
             if out is None:
-                out = np.empty((h * scale, w * scale, piece.shape[-1]), piece.dtype)
-            core = piece[halo * scale : (halo + tile) * scale, halo * scale : (halo + tile) * scale]
+                out = np.empty((n, h * scale, w * scale, piece.shape[-1]), piece.dtype)
+            core = piece[
+                :, halo * scale : (halo + tile) * scale, halo * scale : (halo + tile) * scale
+            ]
             r0, c0 = i * tile * scale, j * tile * scale
             r1, c1 = min(r0 + tile * scale, h * scale), min(c0 + tile * scale, w * scale)
-            out[r0:r1, c0:c1] = core[: r1 - r0, : c1 - c0]
+            out[:, r0:r1, c0:c1] = core[:, : r1 - r0, : c1 - c0]
     return out
