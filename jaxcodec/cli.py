@@ -2,9 +2,10 @@
 `jaxcodec decompress IN.jxc OUT.png --checkpoint MODEL`, `jaxcodec export --checkpoint WORKDIR`.
 
 MODEL is a codec bundle (`.safetensors`) or a finished training workdir (its
-`codec.safetensors`). Subcommands register themselves in `SUBCOMMANDS`; others plug in the
-same way. Outputs are written to a temporary file in the target folder and renamed only
-on success, so a failed run never leaves a partial or stale output behind.
+`codec.safetensors`; a multi-stage workdir, WORKDIR/stageN, stands for its last finished
+stage). Subcommands register themselves in `SUBCOMMANDS`; others plug in the same way.
+Outputs are written to a temporary file in the target folder and renamed only on success, so a
+failed run never leaves a partial or stale output behind.
 """
 
 import argparse
@@ -102,7 +103,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="codec bundle (.safetensors) or finished training workdir",
+        help="codec bundle (.safetensors) or finished training workdir (of several stages: "
+        "the last finished one)",
     )
     p.add_argument(
         "--set",
@@ -144,6 +146,15 @@ def _decompress_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _say_which_stage(checkpoint: str, codec) -> None:
+    """A multi-stage workdir (WORKDIR/stageN) stands for its last finished stage: say which."""
+    from jaxcodec.checkpoint import describe_bundle_choice
+
+    note = describe_bundle_choice(checkpoint, codec.source)
+    if note:
+        print(note)
+
+
 @subcommand("compress", _compress_args)
 def _compress(args) -> int:
     from jaxcodec.codec import load_codec, parse_options
@@ -151,6 +162,7 @@ def _compress(args) -> int:
     codec = load_codec(
         args.checkpoint, overrides=args.overrides, options=parse_options(args.option)
     )
+    _say_which_stage(args.checkpoint, codec)
     r = compress_file(codec, args.input, args.output)
     print(
         f"{args.output}: {r['bytes']} bytes, {r['bpp']:.4f} bpp "
@@ -164,6 +176,7 @@ def _decompress(args) -> int:
     from jaxcodec.codec import load_codec
 
     codec = load_codec(args.checkpoint, overrides=args.overrides, max_pixels=args.max_pixels)
+    _say_which_stage(args.checkpoint, codec)
     image = decompress_file(codec, args.input, args.output)
     print(f"{args.output}: {image.shape[1]}x{image.shape[0]}")
     return 0
