@@ -99,13 +99,16 @@ class FitCheck:
     """A method's check: its stages' configs and the reconstructions of one real file.
 
     `configs(args, crops)` → `[(stage name, config)]`, trained in order into OUT/<stage name>,
-    each stage after the first starting from the one before (`init_from`).
-    `rows(codecs, jxc, decoded, codec)` → the rows one stage's file yields (default: the decoded
-    image as a 'generative' row of the last stage, a 'base' row of the others).
+    each stage after the first starting from the one before (`init_from`); a config with
+    `stages` set is trained by `train_stages` into OUT/stageN itself.
+    `rows(stage, codec, data, decoded, original)` → the rows one stage's real file yields:
+    `(label, role, uint8 image)`, role 'base' (what the generative decode refines, from the
+    same file), 'generative', 'ceiling' (the frozen decoder's best from the original: not a
+    decode of the file) or 'other'.
     """
 
     configs: Callable[[argparse.Namespace, Path], list[tuple[str, object]]]
-    rows: Callable[[str, object, bytes, np.ndarray], list[Row]]
+    rows: Callable[[str, object, bytes, np.ndarray, np.ndarray], list[Row]]
     steps: tuple[int, int]  # default step budgets of the first and second stage
 
 
@@ -127,7 +130,7 @@ def _hfd_configs(args, crops):
     return [("stage1", config)]  # one command: train_stages trains stage1 and stage2 under it
 
 
-def _hfd_rows(stage, codec, data, decoded):
+def _hfd_rows(stage, codec, data, decoded, original):
     if stage == "stage1":
         return [("stage 1: MSE autoencoder", "base", decoded)]
     recon = codec.last_info["stage1_reconstruction"][: decoded.shape[0], : decoded.shape[1]]
@@ -158,7 +161,7 @@ def _diffo_configs(args, crops):
     ]
 
 
-def _diffo_rows(stage, codec, data, decoded):
+def _diffo_rows(stage, codec, data, decoded, original):
     """Stage 1's VQGAN codes its own indices; stage 2's file also yields its base
     reconstruction, the frozen VQGAN decoder on z_base (what the one step refines), and the
     VQGAN's unquantised reconstruction of the original (the ceiling of any stage-2 decode)."""
@@ -177,9 +180,13 @@ def _diffo_rows(stage, codec, data, decoded):
     z_base = m.model.apply({"params": v.params}, z_q, method="base_latent")
     x = m.vqgan.apply({"params": v.frozen["vqgan"]}, z_base, method="decode")
     base = np.asarray(to_uint8((x + 1.0) / 2.0))[0]
+    x0 = jnp.asarray(original, jnp.float32)[None] / 127.5 - 1.0
+    z0 = m.vqgan.apply({"params": v.frozen["vqgan"]}, x0, method="encode")
+    ceiling = m.vqgan.apply({"params": v.frozen["vqgan"]}, z0, method="decode")
     return [
         ("stage 2's file, VQGAN(z_base)", "base", base[: decoded.shape[0], : decoded.shape[1]]),
         ("stage 2: one-step residual shifting", "generative", decoded),
+        ("VQGAN(z_0) of the original", "ceiling", np.asarray(to_uint8((ceiling + 1.0) / 2.0))[0]),
     ]
 
 
@@ -210,7 +217,7 @@ def _rdeic_configs(args, crops):
     ]
 
 
-def _rdeic_rows(stage, codec, data, decoded):
+def _rdeic_rows(stage, codec, data, decoded, original):
     """Each stage's file: the VAE decoder on the compressed latent z_c (the relay start's
     signal, what the diffusion refines) and the relay diffusion decode."""
     import jax.numpy as jnp
@@ -226,10 +233,17 @@ def _rdeic_rows(stage, codec, data, decoded):
     z_c, _ = coder._synthesise(codec.variables.params, jnp.asarray(y_hat)[None])
     base = np.asarray(coder._vae_decode(codec.variables.frozen, z_c))[0]
     n = stage[-1]
-    return [
+    rows = [
         (f"stage {n}'s file, VAE(z_c)", "base", base[: decoded.shape[0], : decoded.shape[1]]),
         (f"stage {n}: relay diffusion", "generative", decoded),
     ]
+    if stage == "stage2":
+        m = codec.method
+        x0 = jnp.asarray(original, jnp.float32)[None] / 127.5 - 1.0
+        z0 = m._encode(codec.variables.frozen, x0)["mean"] * m.scale
+        ceiling = np.asarray(coder._vae_decode(codec.variables.frozen, z0))[0]
+        rows.append(("VAE(z_0) of the original (posterior mean)", "ceiling", ceiling))
+    return rows
 
 
 FIT_CHECKS: dict[str, FitCheck] = {
@@ -299,7 +313,8 @@ def evaluate(method: str, stages: Sequence[tuple[str, Path]], crops: Sequence[Pa
             jxc = files / f"{crop.stem}.jxc"
             r = compress_file(codec, crop, jxc)
             decoded = decompress_file(codec, jxc, files / f"{crop.stem}.png")
-            for label, role, recon in check.rows(stage, codec, jxc.read_bytes(), decoded):
+            original = read_rgb(crop)
+            for label, role, recon in check.rows(stage, codec, jxc.read_bytes(), decoded, original):
                 row = rows.setdefault(label, {"stage": stage, "role": role, "bpp": [], "recon": []})
                 row["bpp"].append(r["bpp"])
                 row["recon"].append(np.asarray(recon, np.uint8))
@@ -350,8 +365,9 @@ def format_table(table: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in table:
+        bpp = "-" if r["role"] == "ceiling" else f"{r['bpp']:.4f}"
         lines.append(
-            f"| {r['label']} | {r['role']} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
+            f"| {r['label']} | {r['role']} | {bpp} | {r['psnr']:.2f} | "
             f"{r['lpips']:.4f} | {r['dists']:.4f} |"
         )
     return "\n".join(lines)
