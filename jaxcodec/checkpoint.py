@@ -292,21 +292,48 @@ def load_bundle(path: str | Path) -> CodecBundle:
     )
 
 
+def stage_workdirs(path: str | Path) -> list[Path]:
+    """The stage folders of a multi-stage workdir (WORKDIR/stageN, as `config.stages` trains
+    them), in stage order; [] for any other folder."""
+    path = Path(path)
+    found = [(int(d.name[5:]), d) for d in path.glob("stage*") if d.name[5:].isdigit()]
+    return [d for _, d in sorted(found) if d.is_dir()]
+
+
 def bundle_path(path: str | Path) -> Path:
-    """A bundle file, or a training workdir's final bundle."""
+    """A bundle file, a training workdir's final bundle, or, in a multi-stage workdir, the
+    last finished stage's (`WORKDIR/stageN/codec.safetensors` with the largest N)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / CODEC_FILE).is_file():
-            hint = (
-                "its training has not finished; `jaxcodec export --checkpoint "
-                f"{path} OUT.safetensors` writes one from its latest checkpoint"
-                if (path / "checkpoints").is_dir()
-                else "it is not a training workdir (no config.json or checkpoints)"
-                if not (path / "config.json").is_file()
-                else "it has no checkpoints"
-            )
-            raise CheckpointError(f"{path} has no {CODEC_FILE}: {hint}")
-        return path / CODEC_FILE
+        if (path / CODEC_FILE).is_file():
+            return path / CODEC_FILE
+        stages = stage_workdirs(path)
+        finished = [d for d in stages if (d / CODEC_FILE).is_file()]
+        if finished:
+            return finished[-1] / CODEC_FILE
+        hint = (
+            f"none of its stages ({', '.join(d.name for d in stages)}) has finished training"
+            if stages
+            else "its training has not finished; `jaxcodec export --checkpoint "
+            f"{path} OUT.safetensors` writes one from its latest checkpoint"
+            if (path / "checkpoints").is_dir()
+            else "it is not a training workdir (no config.json or checkpoints)"
+            if not (path / "config.json").is_file()
+            else "it has no checkpoints"
+        )
+        raise CheckpointError(f"{path} has no {CODEC_FILE}: {hint}")
     if not path.exists():
         raise CheckpointError(f"{path} not found")
     return path
+
+
+def describe_bundle_choice(path: str | Path, source: Path) -> str | None:
+    """What `bundle_path(path)` chose inside a multi-stage workdir, in words (None when `path`
+    named the bundle or a single-stage workdir)."""
+    path = Path(path)
+    if not path.is_dir() or source.parent == path:
+        return None
+    stages = stage_workdirs(path)
+    later = [d.name for d in stages[stages.index(source.parent) + 1 :]]
+    note = f"using {source.parent.name} ({source}), the last finished stage of {path}"
+    return note + (f"; not finished: {', '.join(later)}" if later else "")

@@ -2,9 +2,10 @@
 `jaxcodec decompress IN.jxc OUT.png --checkpoint MODEL`, `jaxcodec export --checkpoint WORKDIR`.
 
 MODEL is a codec bundle (`.safetensors`) or a finished training workdir (its
-`codec.safetensors`). Subcommands register themselves in `SUBCOMMANDS`; others plug in the
-same way. Outputs are written to a temporary file in the target folder and renamed only
-on success, so a failed run never leaves a partial or stale output behind.
+`codec.safetensors`; a multi-stage workdir, WORKDIR/stageN, stands for its last finished
+stage). Subcommands register themselves in `SUBCOMMANDS`; others plug in the same way.
+Outputs are written to a temporary file in the target folder and renamed only on success, so a
+failed run never leaves a partial or stale output behind.
 
 Many files, one process: `compress DIR OUTDIR` (or `compress a.png b.png OUTDIR`) and
 `decompress DIR OUTDIR` load the model once and code images of one padded size together
@@ -96,7 +97,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="codec bundle (.safetensors) or finished training workdir",
+        help="codec bundle (.safetensors) or finished training workdir (of several stages: "
+        "the last finished one)",
     )
     p.add_argument(
         "--set",
@@ -153,6 +155,15 @@ def _decompress_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _say_which_stage(checkpoint: str, codec) -> None:
+    """A multi-stage workdir (WORKDIR/stageN) stands for its last finished stage: say which."""
+    from jaxcodec.checkpoint import describe_bundle_choice
+
+    note = describe_bundle_choice(checkpoint, codec.source)
+    if note:
+        print(note)
+
+
 @subcommand("compress", _compress_args)
 def _compress(args) -> int:
     from jaxcodec.codec import load_codec, parse_options
@@ -163,6 +174,7 @@ def _compress(args) -> int:
     codec = load_codec(
         args.checkpoint, overrides=args.overrides, options=parse_options(args.option)
     )
+    _say_which_stage(args.checkpoint, codec)
     if jobs is not None:
         return compress_many(codec, jobs, batch_size=args.batch_size, quiet=args.quiet)
     r = compress_file(codec, inputs[0], output)
@@ -180,6 +192,7 @@ def _decompress(args) -> int:
     inputs, output = _input_output(args)
     jobs = plan_many(inputs, output, (".jxc",), ".png")
     codec = load_codec(args.checkpoint, overrides=args.overrides, max_pixels=args.max_pixels)
+    _say_which_stage(args.checkpoint, codec)
     if jobs is not None:
         return decompress_many(codec, jobs, batch_size=args.batch_size, quiet=args.quiet)
     image = decompress_file(codec, inputs[0], output)

@@ -324,7 +324,8 @@ def load_codec(
     options: Mapping[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> MethodCodec:
-    """The codec of a bundle file or of a workdir's final bundle (`codec.safetensors`)."""
+    """The codec of a bundle file or of a workdir's final bundle (`codec.safetensors`; in a
+    multi-stage workdir, that of its last finished stage: `checkpoint.bundle_path`)."""
     source = bundle_path(path)
     bundle = load_bundle(source)
     _apply_overrides(bundle.config, overrides)
@@ -336,7 +337,7 @@ def load_codec(
     variables = Variables(bundle.params, bundle.state, frozen)
     cfg = bundle.config
     name = f"{cfg.method}-{cfg.get('variant', '')}-step{bundle.step}".replace("--", "-")
-    return MethodCodec(
+    codec = MethodCodec(
         method,
         variables,
         bundle.tables,
@@ -345,6 +346,8 @@ def load_codec(
         options=options,
         max_pixels=max_pixels,
     )
+    codec.source = source  # the bundle file `path` resolved to (a multi-stage workdir's last)
+    return codec
 
 
 def decompress_batch(codec: MethodCodec, files: list[bytes]) -> list[np.ndarray]:

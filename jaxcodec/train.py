@@ -219,41 +219,84 @@ def real_file_evaluation(
     codec, images: list[tuple[str, np.ndarray]], out_dir: Path, num_decoded_saved: int = 2
 ) -> dict[str, Any]:
     """Compresses each image to a real `.jxc` file and decodes it again: bpp from file sizes
-    (header included), PSNR and LPIPS (AlexNet) of the decoded 8-bit image, and a side-by-side
-    PNG of the first image (original | stage-1 reconstruction, if the method has one |
-    decoded)."""
+    (header included), PSNR, LPIPS (AlexNet) and DISTS of the decoded 8-bit image, and a
+    side-by-side PNG of the first image (original | stage-1 reconstruction, if the method has
+    one | decoded). A method whose decoder refines a stage-1 reconstruction of the same file
+    (HFD stage 2) also gets that reconstruction's metrics, under `stage1_reconstruction`."""
     from PIL import Image
 
-    from jaxcodec.metrics import lpips, lpips_params
+    from jaxcodec.metrics import dists, dists_params, lpips, lpips_params
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    alex = lpips_params("alex")
+    alex, vgg = lpips_params("alex"), dists_params()
+
+    def quality(image, recon) -> dict[str, float]:
+        mse = np.mean((recon.astype(np.float64) - image.astype(np.float64)) ** 2)
+        return {
+            "psnr": 10.0 * np.log10(255.0**2 / max(mse, 1e-12)),
+            "lpips": float(lpips(image[None], recon[None], params=alex)[0]),
+            "dists": float(dists(image[None], recon[None], params=vgg)[0]),
+        }
+
     rows: list[dict[str, float]] = []
+    stage1_rows: list[dict[str, float]] = []
     side_by_side = None
     for i, (name, image) in enumerate(images):
         stem = Path(name).stem or f"image{i}"
         data = codec.compress(image)
         (out_dir / f"{stem}.jxc").write_bytes(data)
         decoded = codec.decompress(data)
+        middle = codec.last_info.get("stage1_reconstruction")
+        if middle is not None:
+            middle = np.asarray(middle)[: image.shape[0], : image.shape[1]]
+            stage1_rows.append(quality(image, middle))
         if i < num_decoded_saved:
             Image.fromarray(decoded).save(out_dir / f"{stem}_decoded.png")
         if i == 0:
-            middle = codec.last_info.get("stage1_reconstruction")
-            panels = [image] + (
-                [] if middle is None else [middle[: image.shape[0], : image.shape[1]]]
-            )
+            panels = [image] + ([] if middle is None else [middle])
             side_by_side = out_dir / f"{stem}_side_by_side.png"
             Image.fromarray(np.concatenate([*panels, decoded], axis=1)).save(side_by_side)
-        mse = np.mean((decoded.astype(np.float64) - image.astype(np.float64)) ** 2)
-        rows.append(
-            {
-                "bpp": 8.0 * len(data) / (image.shape[0] * image.shape[1]),
-                "psnr": 10.0 * np.log10(255.0**2 / max(mse, 1e-12)),
-                "lpips": float(lpips(image[None], decoded[None], params=alex)[0]),
-            }
-        )
+        bpp = 8.0 * len(data) / (image.shape[0] * image.shape[1])
+        rows.append({"bpp": bpp, **quality(image, decoded)})
     out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if stage1_rows:
+        out["stage1_reconstruction"] = {
+            k: float(np.mean([r[k] for r in stage1_rows])) for k in stage1_rows[0]
+        }
     return out | {"files": len(rows), "side_by_side": str(side_by_side)}
+
+
+def stage_comparison(stages: list[tuple[int, dict[str, Any]]]) -> str | None:
+    """The final real-file figures of trained stages, `(stage number, run summary)`, side by
+    side: one row per stage, and for a stage that refines a stage-1 reconstruction of its own
+    files, that reconstruction's row too (the same files, so the same bpp). None unless two or
+    more stages have them."""
+    rows, shown = [], 0
+    for n, summary in stages:
+        rf = summary.get("real_files") or {}
+        if not rf:
+            continue
+        shown += 1
+        inner = rf.get("stage1_reconstruction")
+        if inner:
+            rows.append((f"stage {n}'s files, stage-1 decode", {"bpp": rf["bpp"], **inner}))
+        rows.append((f"stage {n}", rf))
+    if shown < 2:
+        return None
+    keys = ("bpp", "psnr", "lpips", "dists")
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':{width}}  " + "  ".join(f"{k.upper():>7}" for k in keys)]
+    for name, rf in rows:
+        lines.append(
+            f"{name:{width}}  "
+            + "  ".join(f"{rf[k]:7.4f}" if k in rf else f"{'-':>7}" for k in keys)
+        )
+    last = stages[-1][1].get("real_files") or {}
+    if last.get("side_by_side"):
+        lines.append(
+            f"side by side (original | stage-1 reconstruction | decoded): {last['side_by_side']}"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -978,7 +1021,10 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
-    summary = train_stages(FLAGS.config, FLAGS.workdir)[-1]
+    summaries = train_stages(FLAGS.config, FLAGS.workdir)
+    summary = summaries[-1]
+    stages = tuple(int(n) for n in (FLAGS.config.get("stages") or ()))
+    comparison = stage_comparison(list(zip(stages, summaries, strict=False)))
     if jax.process_index() == 0:
         print(
             f"trained to step {summary['final_step']} (resumed from {summary['resumed_from']}), "
@@ -999,14 +1045,17 @@ def main(argv: list[str]) -> None:
                 + ", ".join(
                     f"{k.upper()}={v:.4f}"
                     for k, v in rf.items()
-                    if k not in ("bpp", "files", "side_by_side")
+                    if k not in ("bpp", "files") and isinstance(v, float)
                 )
             )
-            if rf.get("side_by_side"):
+            if rf.get("side_by_side") and comparison is None:
                 print(
                     "side by side (original | stage-1 reconstruction | decoded): "
                     + rf["side_by_side"]
                 )
+        if comparison is not None:
+            print("\nstages side by side (real .jxc files of the evaluation images, means):")
+            print(comparison)
 
 
 def run() -> None:
