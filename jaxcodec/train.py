@@ -834,7 +834,8 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
                 break
 
     real_files = {}
-    if bundle is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
+    real_file_eval = method.coder is not None and config.get("real_file_eval", True)
+    if bundle is not None and jax.process_index() == 0 and real_file_eval:
         from jaxcodec.codec import MethodCodec
 
         if eval_images is None:
@@ -847,6 +848,13 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         scalars = {k: v for k, v in real_files.items() if isinstance(v, int | float)}
         writer.write_scalars(step, {f"real_files/{k}": v for k, v in scalars.items()})
         logging.info("real files at step %d: %s", step, real_files)
+    outputs = {}
+    if bundle is not None and jax.process_index() == 0:  # the method's artefacts (grids, exports)
+        outputs = method.on_trained(
+            Variables(bundle.params, bundle.state, frozen_host), workdir, writer, step
+        )
+        for what, value in outputs.items():
+            _console(f"{what}: {value}")
     jax.block_until_ready(state)
     timed_steps = step - first_step if step > start_step else 0
     ckpt.close()
@@ -870,6 +878,7 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
         "history": history,
         "eval": last_eval,
         "real_files": real_files,
+        "outputs": outputs,
         "nonfinite_total": int(state.nonfinite_total),
         "codec": str(workdir / CODEC_FILE) if bundle is not None else None,
     }
