@@ -53,6 +53,7 @@ from jaxcodec.methods.base import (
     to_float,
     to_uint8,
 )
+from jaxcodec.methods.rdeic import fast_key
 from jaxcodec.nn import discriminator as gan
 from jaxcodec.nn.unet import UNet, UNetConfig
 from jaxcodec.nn.vae import AutoencoderKL, VAEConfig, vae_param_shapes
@@ -152,7 +153,7 @@ class LDM(Method):
     # --- Variables -----------------------------------------------------------------------
 
     def init(self, rng: jax.Array, batch: Batch):
-        k_model, k_disc = jax.random.split(rng)
+        k_model, k_disc = jax.random.split(fast_key(rng))
         x = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
         if self.stage == 1:
             return {
@@ -254,16 +255,7 @@ class LDM(Method):
         kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
         kl = jnp.mean(kl) / (x.shape[1] * x.shape[2] * x.shape[3])
         on = gan.gan_factor(step, int(w.disc_start))
-        # Generator: the discriminator is a fixed function of x̂ here.
-        frozen_disc = {"params": jax.lax.stop_gradient(params["disc"])}
-        g_loss = gan.generator_loss(self.disc.apply(frozen_disc, x_hat))
-        # Discriminator: x̂ is a fixed input here.
-        disc = {"params": params["disc"]}
-        d_loss = gan.discriminator_loss(
-            self.disc.apply(disc, x),
-            self.disc.apply(disc, jax.lax.stop_gradient(x_hat)),
-            w.disc_loss,
-        )
+        g_loss, d_loss = gan.adversarial_losses(self.disc, params["disc"], x, x_hat, w.disc_loss)
         ae_loss = rec + w.perceptual_weight * lp + w.kl_weight * kl + on * w.disc_weight * g_loss
         loss = ae_loss + on * d_loss
         metrics = {
@@ -359,6 +351,7 @@ class LDM(Method):
     # --- The interface ------------------------------------------------------------------
 
     def loss(self, params, frozen, state, batch: Batch, rng: jax.Array):
+        rng = fast_key(rng)
         if self.stage == 1:
             return self._autoencoder_loss(params, frozen, state, batch, rng)
         return self._unet_loss(params, frozen, state, batch, rng)

@@ -103,6 +103,22 @@ def generator_loss(logits_fake: jax.Array) -> jax.Array:
     return -jnp.mean(logits_fake)
 
 
+def adversarial_losses(
+    disc: nn.Module, disc_params, real: jax.Array, fake: jax.Array, kind: str = "hinge"
+) -> tuple[jax.Array, jax.Array]:
+    """(generator term, discriminator term) for one trainable pytree holding both players:
+    the generator term sees the discriminator's parameters through ``stop_gradient`` (it moves
+    only the generator), the discriminator term sees ``stop_gradient(fake)`` (it moves only the
+    discriminator), so one scalar ``w·g + d`` has, for each part, exactly its own gradient."""
+    frozen = {"params": jax.lax.stop_gradient(disc_params)}
+    g = generator_loss(disc.apply(frozen, fake))
+    live = {"params": disc_params}
+    d = discriminator_loss(
+        disc.apply(live, real), disc.apply(live, jax.lax.stop_gradient(fake)), kind
+    )
+    return g, d
+
+
 def gan_factor(step: jax.Array, start: int) -> jax.Array:
     """1.0 from step ``start`` on, 0.0 before (taming's ``adopt_weight``)."""
     return (jnp.asarray(step) >= start).astype(jnp.float32)
