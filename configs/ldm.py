@@ -62,7 +62,7 @@ def _unet(channels, heads, layers: int, groups: int, cross_dim: int) -> dict:
         cross_attention_dim=cross_dim,
         use_linear_projection=True,
         norm_num_groups=groups,
-        sample_size=32,
+        sample_size=64,
     )
 
 
