@@ -229,3 +229,41 @@ def test_tiny_data_defaults_to_the_shared_photos_when_present():
         assert c.data.source == "folder" and Path(c.data.path) == photos
     else:
         assert c.data.source == "skimage"
+
+
+def test_cpu_backbone_launcher_runs_valid_configs(tmp_path, monkeypatch):
+    """`launch/cpu_backbone.sh --dry-run`: every training command's config and overrides load
+    (a misspelt field fails here, not an hour into the run), in the documented order."""
+    import shlex
+    import subprocess
+
+    from jaxcodec.configlib import PROJECT_ROOT
+
+    monkeypatch.setenv("JAXCODEC_CACHE", str(tmp_path / "cache"))
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    out = subprocess.run(
+        ["bash", "launch/cpu_backbone.sh", "--dry-run", str(tmp_path / "runs"), "--config.seed=3"],
+        cwd=PROJECT_ROOT,
+        env={**dict(__import__("os").environ), "KODAK": str(kodak)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [shlex.split(line) for line in out.splitlines() if line.strip()]
+    trains = [c for c in commands if c[1:3] == ["-m", "jaxcodec.train"]]
+    specs = [c[c.index("--config") + 1] for c in trains]
+    assert specs[0] == "configs/ldm.py:tiny" and "--config.seed=3" in trains[0]
+    backbone = str(tmp_path / "runs" / "ldm" / "stage2" / "backbone")
+    assert specs[1:] == [
+        f"configs/rdeic.py:tiny,backbone={backbone},stage=1",
+        f"configs/rdeic.py:tiny,backbone={backbone},stage=2",
+        "configs/rdeic.py:tiny,stage=1",
+        "configs/rdeic.py:tiny,stage=2",
+    ]
+    for cmd, spec in zip(trains, specs, strict=True):
+        overrides = [a for a in cmd if a.startswith("--config.")]
+        c = load_config(spec, overrides)
+        assert c.eval_data.path == (str(kodak) if "rdeic" in spec else c.eval_data.path)
+    evaluations = [c for c in commands if c[1:3] == ["-m", "jaxcodec.evaluate"]]
+    assert len(evaluations) == 5 and commands[-1][1] == "launch/backbone_report.py"
