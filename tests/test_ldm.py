@@ -142,9 +142,9 @@ def test_export_loads_in_diffusers_with_the_same_outputs(backbone):
             unet_ref(nchw(z), torch.from_numpy(t), torch.from_numpy(np.repeat(text, 2, 0))).sample
         )
     vae = {"params": bundle.frozen["vae"]}
-    got_moments = method.vae.apply(vae, x, method="encode")["moments"]
-    got_image = method.vae.apply(vae, z, method="decode")
-    got_eps = method.eps_theta(bundle.params, z, t)
+    got_moments = jax.jit(lambda v, a: method.vae.apply(v, a, method="encode")["moments"])(vae, x)
+    got_image = jax.jit(lambda v, a: method.vae.apply(v, a, method="decode"))(vae, z)
+    got_eps = jax.jit(method.eps_theta)(bundle.params, z, t)
 
     def rel(a, b):
         return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
