@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # taming's NLayerDiscriminator: ndf, num_layers (70×70 patches at 3), 'batch' norm
             discriminator=dict(ndf=64, num_layers=3, norm="batch"),
             unet=_unet((320, 640, 1280, 1280), (5, 10, 20, 20), 2, 32, 1024),
+            # The posterior's initial log-variance (diffusers' init: 0); see LDM._narrow_posterior.
+            init_logvar=0.0,
             text_length=77,  # tokens of the text condition (SD 2.x: 77)
             learn_text=True,  # False: a fixed random condition
         )

@@ -158,7 +158,7 @@ class LDM(Method):
         if self.stage == 1:
             return {
                 "params": {
-                    "vae": self.vae.init(k_model, x)["params"],
+                    "vae": self._narrow_posterior(self.vae.init(k_model, x)["params"]),
                     "disc": self.disc.init(k_disc, x)["params"],
                 },
                 COUNTERS: {"step": jnp.zeros((), jnp.int32)},
@@ -169,6 +169,22 @@ class LDM(Method):
         context = jnp.zeros(self.text_shape, jnp.float32)
         unet = self.unet.init(k_model, z, jnp.zeros((1,), jnp.int32), context)["params"]
         return {"params": {"unet": unet, "text": text}}
+
+    def _narrow_posterior(self, vae_params):
+        """`model.init_logvar` ≠ 0: the posterior's log-variance starts there (the logvar half
+        of `quant_conv`'s bias) instead of at 0. With LDM's tiny KL weight the encoder must
+        shrink it to get information through; from 0 that takes thousands of steps of a small
+        learning rate, which a CPU-sized run does not have."""
+        init_logvar = float(self.config.model.get("init_logvar", 0.0))
+        if not init_logvar:
+            return vae_params
+        if "quant_conv" not in vae_params:
+            raise ValueError("model.init_logvar needs the VAE's quant_conv (use_quant_conv)")
+        latent = self.vae_config.latent_channels
+        box = vae_params["quant_conv"]["bias"]
+        bias = nn.unbox(box).at[latent:].set(init_logvar)
+        new = box.replace_boxed(bias) if isinstance(box, nn.meta.AxisMetadata) else bias
+        return {**vae_params, "quant_conv": {**vae_params["quant_conv"], "bias": new}}
 
     def trainable_mask(self, params) -> Any:
         mask = jax.tree.map(lambda _: True, params)
