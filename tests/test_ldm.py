@@ -203,6 +203,24 @@ def test_rdeic_tiny_trains_on_the_backbone_and_round_trips_a_file(backbone, tmp_
 # --- Configs -------------------------------------------------------------------------------
 
 
+def test_init_logvar_narrows_only_the_posterior_log_variance():
+    import flax.linen as nn
+
+    from jaxcodec.methods.ldm import LDM
+
+    c = load_config("configs/ldm.py:tiny")
+    c.model.init_logvar = -6.0
+    method = LDM(c)
+    bias = nn.Partitioned(jnp.arange(8.0), ("conv_out",))
+    params = {"quant_conv": {"bias": bias, "kernel": jnp.ones((1, 1, 8, 8))}, "encoder": {}}
+    out = method._narrow_posterior(params)
+    assert out["quant_conv"]["bias"].names == ("conv_out",)  # logical axes kept
+    np.testing.assert_array_equal(out["quant_conv"]["bias"].value, [0, 1, 2, 3] + [-6.0] * 4)
+    assert out["quant_conv"]["kernel"] is params["quant_conv"]["kernel"]
+    c.model.init_logvar = 0.0
+    assert LDM(c)._narrow_posterior(params) is params  # diffusers' init unless asked
+
+
 def test_full_variant_has_sd21_base_shapes():
     from jaxcodec.methods.ldm import unet_config, vae_config
     from jaxcodec.nn.unet import SD21_BASE_UNET, UNetConfig
