@@ -393,6 +393,10 @@ def write_pipeline(
         for name, content in (extra_json or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(json.dumps(dict(content), indent=2, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: the usual modes instead
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if overwrite and folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             os.replace(folder, old / folder.name)
