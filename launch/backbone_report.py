@@ -1,11 +1,13 @@
 """The comparison `launch/cpu_backbone.sh` ends with: each jaxcodec model beside the classical
 codecs' rate points nearest to it in bpp (Kodak, real files), and a side-by-side PNG of one image.
 
-    python launch/backbone_report.py EVAL_DIR --models NAME=WORKDIR ... --image kodim23.png
+    python launch/backbone_report.py EVAL_DIR --models NAME=WORKDIR ... --image kodim23.png \
+        --ldm LDM_WORKDIR
 
 EVAL_DIR holds one `jaxcodec evaluate` output folder per curve (`EVAL_DIR/*/NAME.json`). Writes
 EVAL_DIR/nearest_bpp.md (and prints it) and EVAL_DIR/side_by_side.png: the original, each model's
-decoding of it, and each classical codec's at the quality nearest to the first model's bpp.
+decoding of it, and each classical codec's at the quality nearest to the first model's bpp;
+with --ldm, EVAL_DIR/ldm_losses.png: the backbone's training curves.
 """
 
 from __future__ import annotations
@@ -85,11 +87,35 @@ def side_by_side(image_path: Path, models: dict[str, str], curves: dict, out: Pa
     return out
 
 
+def loss_curves(ldm_workdir: Path, out: Path) -> Path:
+    """The backbone's training curves from its stages' summary.json: the autoencoder's L1 and
+    LPIPS, the latent UNet's ε-MSE (log scale: it starts at about 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, stage, keys in ((axes[0], 1, ("rec", "lpips")), (axes[1], 2, ("eps_mse",))):
+        history = json.loads((ldm_workdir / f"stage{stage}" / "summary.json").read_text())[
+            "history"
+        ]
+        for k in keys:
+            ax.plot([h["step"] for h in history], [h[k] for h in history], label=k)
+        ax.set(xlabel="step", title=f"stage {stage}", yscale="log" if stage == 2 else "linear")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("eval_dir", type=Path)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=WORKDIR")
     p.add_argument("--image", type=Path, default=None, help="image for the side-by-side PNG")
+    p.add_argument("--ldm", type=Path, default=None, help="the backbone's workdir: loss curves")
     args = p.parse_args(argv)
     models = dict(m.split("=", 1) for m in args.models)
     curves = load_curves(args.eval_dir)
@@ -100,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     text += table(curves, list(models))
     (args.eval_dir / "nearest_bpp.md").write_text(text)
     print(text)
+    if args.ldm is not None:
+        print(f"backbone loss curves: {loss_curves(args.ldm, args.eval_dir / 'ldm_losses.png')}")
     if args.image is not None:
         out = side_by_side(args.image, models, curves, args.eval_dir / "side_by_side.png")
         print(f"side by side ({out.with_suffix('.txt').read_text().strip()}): {out}")

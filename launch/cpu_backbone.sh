@@ -12,6 +12,7 @@
 #   RDEIC_STEPS1, RDEIC_STEPS2   RDEIC's steps per stage (default 2400, 300)
 #   QUALITIES_JPEG, QUALITIES_WEBP, QUALITIES_AVIF   the classical sweeps (low-rate defaults)
 # Results: ROOT/kodak/nearest_bpp.md, ROOT/kodak/side_by_side.png, ROOT/kodak/*/results.md,
+# ROOT/kodak/ldm_losses.png (the backbone's training curves),
 # ROOT/ldm/stage1/reconstructions.png, ROOT/ldm/stage2/samples.png.
 set -euo pipefail
 dry=0
@@ -63,4 +64,4 @@ run "${evaluate[@]}" --codec webp --qualities "${QUALITIES_WEBP:-0,2,5,10}" --ou
 run "${evaluate[@]}" --codec avif --qualities "${QUALITIES_AVIF:-0,5,10,15,20}" \
   --out "$root/kodak/avif"
 run "$python" launch/backbone_report.py "$root/kodak" --models "${models[@]}" \
-  --image "$kodak/kodim23.png"
+  --image "$kodak/kodim23.png" --ldm "$root/ldm"
