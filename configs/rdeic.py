@@ -2,6 +2,8 @@
 
 tiny — a random SD-shaped backbone (written on the fly as a diffusers folder, see
        `tiny_sd_folder`), a small compressor and adapter: both stages train in seconds on a CPU.
+       `tiny,backbone=DIR` runs on a backbone trained by `configs/ldm.py` (its diffusers folder,
+       WORKDIR/stage2/backbone) instead: a real prior, so decoded images are images.
 full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`: unet/, vae/ and
        text_encoder/ or empty_prompt_embedding.npy), the paper's compressor (N = M = 256, 10
        slices, 16384 codes) and adapter (0.2 width, 16-channel heads); FSDP over all devices, the
@@ -73,7 +75,7 @@ def fixed_steps(lambda_r: float) -> int:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=2.0)
+    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=2.0, backbone="")
     variant, stage, lambda_r = a["variant"], a["stage"], a["lambda_r"]
     if stage not in (1, 2):
         raise ValueError(f"RDEIC has stages 1 and 2, not {stage}")
@@ -82,10 +84,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- Model. The SD folder's own config.json files are the authority for the backbone.
     c.model = ml_collections.ConfigDict(
         dict(
-            sd_path="",  # diffusers SD 2.1-base folder; '' = SD 2.1-base shapes only
+            sd_path=a["backbone"],  # diffusers SD folder; '' = SD 2.1-base shapes only
             unet_dtype="float32",  # compute dtype of the frozen UNet and the adapter
             remat=False,  # rematerialise UNet blocks (and the VAE decoder in stage 2)
-            scale_factor=0.18215,
+            # Latent scale factor; 0 = the backbone's vae/config.json `scaling_factor` (SD 2.1:
+            # 0.18215; a backbone trained by configs/ldm.py: the one measured on its data).
+            scale_factor=0.0,
             relay_start=300,  # N: the sampler starts at index N - 1
             compressor=ml_collections.ConfigDict(
                 dict(
@@ -126,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 10_000
 
     if variant == "tiny":
-        c.model.sd_path = tiny_sd_folder()
+        c.model.sd_path = a["backbone"] or tiny_sd_folder()
         c.model.compressor = ml_collections.ConfigDict(
             dict(N=32, M=32, groups=(8, 24), num_codes=64, res_blocks=(1, 1))
         )

@@ -431,6 +431,25 @@ def _export(args) -> int:
     return 0
 
 
+def _export_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="the diffusers folder to write (replaced if it exists)")
+    p.add_argument("--checkpoint", required=True, help="LDM stage-2 workdir or codec bundle")
+    p.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the final model)"
+    )
+
+
+@subcommand("export-backbone", _export_backbone_args)
+def _export_backbone(args) -> int:
+    """Writes an LDM backbone (configs/ldm.py) as the SD-shaped diffusers folder that
+    `model.sd_path` of the SD-based methods takes."""
+    from jaxcodec.methods.ldm import export_backbone
+
+    path = export_backbone(args.checkpoint, args.output, step=args.step)
+    print(f"{path}: diffusers folder (unet/, vae/, text condition) of {args.checkpoint}")
+    return 0
+
+
 def _import_args(p: argparse.ArgumentParser) -> None:
     from jaxcodec.importers import FORMATS
 

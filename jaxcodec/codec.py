@@ -114,6 +114,7 @@ def build_bundle(
     trained variables only: params, state and previous stages' models)."""
     # Logical-axis boxes (a method's `init` output) are training metadata: host arrays only.
     params, state = jax.tree.map(np.asarray, nn.unbox((params, state)))
+    state = method.calibrate(Variables(params, state, dict(stage_frozen)))
     tables = method.entropy_tables(Variables(params, state, dict(stage_frozen)))
     return CodecBundle(
         config=config,

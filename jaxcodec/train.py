@@ -588,15 +588,17 @@ def _train(config, workdir: Path, on_step) -> dict[str, Any]:
     loop = _loop(run, state, start_step, step_fn, batches, on_step)
 
     # --- Real files of the codec bundle -------------------------------------------------------
-    real_files = {}
-    if loop.bundle is not None and jax.process_index() == 0 and config.get("real_file_eval", True):
-        real_files = _real_files(run, loop)
+    real_files, outputs = {}, {}
+    if loop.bundle is not None and jax.process_index() == 0:
+        if method.coder is not None and config.get("real_file_eval", True):
+            real_files = _real_files(run, loop)
+        outputs = _method_outputs(run, loop)
     jax.block_until_ready(loop.state)
     ckpt.close()
     writer.flush()
 
     # --- Summary -----------------------------------------------------------------------------
-    summary = _summary(run, loop, start_step, memory, real_files)
+    summary = _summary(run, loop, start_step, memory, real_files, outputs)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -902,7 +904,19 @@ def _real_files(run: _Run, loop: _LoopEnd) -> dict[str, Any]:
     return real_files
 
 
-def _summary(run: _Run, loop: _LoopEnd, start_step: int, memory, real_files) -> dict[str, Any]:
+def _method_outputs(run: _Run, loop: _LoopEnd) -> dict[str, Any]:
+    """The method's end-of-run artefacts (sample grids, exports), named on the console."""
+    bundle = loop.bundle
+    variables = Variables(bundle.params, bundle.state, run.parts.host)
+    outputs = run.method.on_trained(variables, run.workdir, run.writer, loop.step)
+    for what, value in outputs.items():
+        _console(f"{what}: {value}")
+    return outputs
+
+
+def _summary(
+    run: _Run, loop: _LoopEnd, start_step: int, memory, real_files, outputs
+) -> dict[str, Any]:
     step, clock, speed = loop.step, loop.clock, loop.speed
     timed_steps = step - clock.first_step if step > start_step else 0
     perf = {}
@@ -925,6 +939,7 @@ def _summary(run: _Run, loop: _LoopEnd, start_step: int, memory, real_files) -> 
         "history": loop.history,
         "eval": loop.last_eval,
         "real_files": real_files,
+        "outputs": outputs,
         "nonfinite_total": int(loop.state.nonfinite_total),
         "codec": str(run.workdir / CODEC_FILE) if loop.bundle is not None else None,
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
@@ -144,6 +145,20 @@ class Method(abc.ABC):
         """Integer coding tables (numpy) built once from the final variables and stored with
         the model; None for a stage that codes nothing."""
         return None
+
+    # --- The written model ---------------------------------------------------------------
+
+    def calibrate(self, variables: Variables) -> Any:
+        """The model state to store with the final model: statistics measured once on the
+        final variables (e.g. LDM's latent scale factor, over training data). The default
+        measures nothing and returns `variables.state`."""
+        return variables.state
+
+    def on_trained(self, variables: Variables, workdir: Path, writer, step: int) -> dict[str, Any]:
+        """Called once (process 0) after the final model is written, with its variables (host
+        arrays): artefacts beyond the codec bundle (sample grids, exported weights; images to
+        the clu `writer`). Returns {description: path or value} for the console and summary."""
+        return {}
 
 
 # ---------------------------------------------------------------------------------------------

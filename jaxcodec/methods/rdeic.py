@@ -121,7 +121,8 @@ class RDEIC(Method):
         self.compressor = lc.LatentCompressor(self.compressor_config)
         self.schedule = scaled_linear_schedule()
         self.relay_start = int(m.relay_start)
-        self.scale = float(m.scale_factor)
+        # 0 (the default): the backbone's own scaling_factor (its vae/config.json)
+        self.scale = float(m.scale_factor) or self.vae_config.scaling_factor
         self._coder = RDEICCoding(self)
 
     # --- Variables -----------------------------------------------------------------------

@@ -361,6 +361,56 @@ def random_params(shapes, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, nn.unbox(shapes))
 
 
+def write_pipeline(
+    folder: str | os.PathLike,
+    unet_config,
+    unet_params,
+    vae_config,
+    vae_params,
+    text_condition: np.ndarray,
+    *,
+    extra_json: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """An SD-shaped pipeline folder from given weights: ``unet/`` and ``vae/`` (``config.json`` +
+    ``diffusion_pytorch_model.safetensors`` in diffusers' names and layouts), the text condition
+    as ``empty_prompt_embedding.npy``, and any ``extra_json`` files (relative path → content).
+
+    Written atomically (a temporary folder renamed into place): a folder that exists is
+    complete. An existing ``folder`` is kept (another writer finished first) unless
+    ``overwrite``, which replaces it.
+    """
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_folder(tmp / "unet", unet_config.to_diffusers(), unet_params)
+        write_folder(tmp / "vae", vae_config.to_diffusers(), vae_params)
+        np.save(tmp / TEXT_CONDITION_NAMES[0], np.asarray(text_condition, np.float32))
+        for name, content in (extra_json or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(json.dumps(dict(content), indent=2, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700: the usual modes instead
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if overwrite and folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: keep its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def write_random_pipeline(
     folder: str | os.PathLike,
     unet_config,
@@ -374,29 +424,13 @@ def write_random_pipeline(
     Deterministic in ``seed`` (so its digest is stable) and written atomically: a folder that
     exists is complete, and concurrent writers of the same folder do not collide.
     """
-    import shutil
-    import tempfile
-
     from jaxcodec.nn.unet import unet_param_shapes
     from jaxcodec.nn.vae import vae_param_shapes
 
     folder = Path(folder)
     if (folder / "unet" / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        unet = random_params(unet_param_shapes(unet_config), seed)
-        write_folder(tmp / "unet", unet_config.to_diffusers(), unet)
-        vae = random_params(vae_param_shapes(vae_config), seed + 1)
-        write_folder(tmp / "vae", vae_config.to_diffusers(), vae)
-        text = np.random.default_rng(seed + 2).normal(size=text_condition_shape)
-        np.save(tmp / TEXT_CONDITION_NAMES[0], text.astype(np.float32))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: keep its (identical) folder
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    unet = random_params(unet_param_shapes(unet_config), seed)
+    vae = random_params(vae_param_shapes(vae_config), seed + 1)
+    text = np.random.default_rng(seed + 2).normal(size=text_condition_shape)
+    return write_pipeline(folder, unet_config, unet, vae_config, vae, text)
