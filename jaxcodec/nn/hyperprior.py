@@ -3,6 +3,9 @@
 The hyper latent z is coded either with a factorized prior (`hyper="factorized"`) or as indices
 of a vector-quantised codebook (`hyper="vq"`, RDEIC's choice: a fixed number of bits per index,
 the codebook in the mutable collection `vq_stats`).
+
+With `rate` set the model is rate-conditioned (`jaxcodec.nn.rate`): one model for every rate,
+steered by q ∈ [0, 1]; files carry q's grid index in their header.
 """
 
 import time
@@ -20,6 +23,8 @@ from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
 from jaxcodec.methods.base import BitstreamCoder, Variables, to_uint8
+from jaxcodec.nn import rate as rate_lib
+from jaxcodec.nn.rate import RateConditioning, RateConfig
 from jaxcodec.nn.tiling import synthesise_tiled
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
@@ -54,6 +59,7 @@ class MeanScaleHyperprior(nn.Module):
     context_groups: Sequence[int] = ()
     hyper: str = "factorized"  # or "vq"
     num_codes: int = 16384  # codebook size of a VQ hyper latent
+    rate: RateConfig | None = None  # set: one model for every rate, conditioned on q
 
     def setup(self):
         if self.hyper not in HYPER_KINDS:
@@ -69,6 +75,15 @@ class MeanScaleHyperprior(nn.Module):
         self.gaussian_conditional = GaussianConditional()
         if self.context_groups:
             self.context = SpaceChannelContext(channel_groups(self.M, self.context_groups))
+        if self.rate is not None:
+            self.rate_conditioning = RateConditioning(self.rate, self.M, self.N)
+
+    def modulate(self, x: jax.Array, q: jax.Array | None, site: str) -> jax.Array:
+        """The rate conditioning at `site` (identity for a fixed-rate model). A VQ hyper latent
+        has no forward_z: its indices cost the same bits at any scale."""
+        if self.rate is None or (site == "forward_z" and self.hyper == "vq"):
+            return x
+        return self.rate_conditioning(x, q, site)
 
     def _hyper(self, z: jax.Array, train: bool, key) -> tuple[jax.Array, jax.Array, jax.Array]:
         """z → (z_hat, likelihoods, VQ commitment loss)."""
@@ -82,24 +97,37 @@ class MeanScaleHyperprior(nn.Module):
         z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
         return z_hat, z_lik, 0.0
 
-    def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> CodecOutput:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        key: jax.Array | None = None,
+        q: jax.Array | None = None,
+    ) -> CodecOutput:
+        """`q` [B]: each example's rate control (rate-conditioned models only)."""
         if train and key is None:
             raise ValueError("training forward pass needs a PRNG key for quantisation noise")
+        if (q is None) != (self.rate is None):
+            raise ValueError("a rate-conditioned model takes q [B]; a fixed-rate one takes none")
         kz, ky = jax.random.split(key) if train else (None, None)
         y = self.g_a(x)
         z = self.h_a(y)
+        y = self.modulate(y, q, "forward_y")
+        z = self.modulate(z, q, "forward_z")
         z_hat, z_lik, vq_loss = self._hyper(z, train, kz)
-        hyper = self.h_s(z_hat)
+        hyper = self.h_s(self.modulate(z_hat, q, "inverse_z"))
         if self.context_groups:
             y_hat, y_lik = self.context(y, hyper, train=train, key=ky)
-            return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
-        scales, means = jnp.split(hyper, 2, axis=-1)
-        if train:
-            _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
-            y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
         else:
-            y_hat, y_lik = self.gaussian_conditional(y, scales, means, mode="round")
-        return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
+            scales, means = jnp.split(hyper, 2, axis=-1)
+            if train:
+                _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
+                y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
+            else:
+                y_hat, y_lik = self.gaussian_conditional(y, scales, means, mode="round")
+        x_hat = self.g_s(self.modulate(y_hat, q, "inverse_y"))
+        return CodecOutput(x_hat, {"y": y_lik, "z": z_lik}, vq_loss)
 
     def aux_loss(self) -> jax.Array:
         """The factorized prior's quantile loss (zero for a VQ hyper latent)."""
@@ -118,6 +146,10 @@ class MeanScaleHyperprior(nn.Module):
 
     def synthesise(self, y_hat: jax.Array) -> jax.Array:
         return self.g_s(y_hat)
+
+    def inverse_z_grid(self) -> tuple[jax.Array, jax.Array]:
+        """inverse_z's (scale, shift) at every q a file can name (its integer table)."""
+        return self.rate_conditioning.inverse_z_grid()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +250,11 @@ class HyperpriorCoding(BitstreamCoder):
     integer networks on the device (`jaxcodec.entropy.fixedpoint`), the host range-codes. The
     encoder decodes its own z (z_hat) and runs the same integer h_s as the decoder. g_s runs
     in tiles of `tile` latent pixels, so decoding memory follows the tile.
+
+    A rate-conditioned model writes q's grid index into the header (option ``rate``): the float
+    modulations run beside the transforms, the one the integer h_s sees (inverse_z) is an
+    integer table lookup (`jaxcodec.nn.rate`). `analyse` + `encode_analysed` let a search over
+    q (`jaxcodec.codec.MethodCodec.compress_to_size`) run the analysis transform once.
     """
 
     stride = STRIDE
@@ -232,6 +269,18 @@ class HyperpriorCoding(BitstreamCoder):
         self._synthesise = jax.jit(
             lambda v, y: to_uint8(self.model.apply(v, y, method="synthesise"))
         )
+        self._modulate = jax.jit(
+            lambda v, x, q, site: self.model.apply(v, x, q, site, method="modulate"),
+            static_argnums=3,
+        )
+
+    @property
+    def rate_config(self) -> RateConfig | None:
+        return self.model.rate
+
+    def options(self) -> dict[str, Any]:
+        rate = self.model.rate
+        return {} if rate is None else {"rate": rate.default_index}
 
     def entropy_tables(self, variables: Variables) -> dict:
         params = jax.tree.map(np.asarray, variables.params)
@@ -247,11 +296,32 @@ class HyperpriorCoding(BitstreamCoder):
         if self.model.context_groups:
             groups = channel_groups(self.model.M, self.model.context_groups)
             out["context"] = context_lib.export(params["context"], groups)
+        if self.model.rate is not None:
+            grid = self.model.apply(variables.collections(), method="inverse_z_grid")
+            out["rate"] = rate_lib.z_inverse_tables(*grid)
         return out
 
-    def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None):
-        """h_s on z_hat and the entropy parameters of y on the device (integer programs), then
-        y range-coded on the host in coding order → (y_hat_q, symbols, table indices)."""
+    def rate_index(self, tables, options: Mapping[str, Any]) -> int | None:
+        """The file's q index (checked against the model's grid and tables), or None."""
+        rate = self.model.rate
+        if rate is None:
+            return None
+        rate_lib.check_tables(tables["rate"], rate.levels, self.model.N)
+        return rate.check_index(options["rate"])
+
+    def modulate(self, variables: Variables, x, index: int | None, site: str):
+        """A float modulation of one latent [h, w, C] at the q of grid index `index`."""
+        if index is None:
+            return x
+        q = jnp.full((1,), self.model.rate.q(index), jnp.float32)
+        return self._modulate(variables.collections(), jnp.asarray(x)[None], q, site)[0]
+
+    def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None, index=None):
+        """h_s on z_hat (after the integer inverse_z of a conditioned model) and the entropy
+        parameters of y on the device (integer programs), then y range-coded on the host in
+        coding order → (y_hat_q, symbols, table indices)."""
+        if index is not None:
+            z_hat_q = rate_lib.inverse_z(tables["rate"], z_hat_q, index)
         out = context_lib.code_y(
             tables["h_s"],
             tables.get("context"),
@@ -264,24 +334,38 @@ class HyperpriorCoding(BitstreamCoder):
         )
         return out.y_hat_q, out.symbols, out.indices
 
-    def compress(
-        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
-    ) -> tuple[list[bytes], dict]:
-        """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+    def analyse(self, variables: Variables, image: np.ndarray) -> dict[str, Any]:
+        """The float analysis of one image (uint8 [H, W, 3]), independent of q: y, z and, for a
+        VQ hyper latent, its indices."""
         v = variables.collections()
         x = jnp.asarray(image, jnp.float32)[None] / 255.0
+        t0 = time.perf_counter()
         y, z = self._analyse(v, x)
+        out = {"y": y[0], "z": z[0]}
+        if self.model.hyper == "vq":
+            out["z_indices"] = np.asarray(self._indices(v, z))[0]
+        jax.block_until_ready(out)
+        out["analysis_s"] = time.perf_counter() - t0
+        return out
+
+    def encode_analysed(
+        self, variables: Variables, tables, analysis: dict, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """Quantisation and entropy coding of an `analyse` result at the options' q."""
+        index = self.rate_index(tables, options)
+        y = np.asarray(self.modulate(variables, analysis["y"], index, "forward_y"))
         enc_z = coder.new_encoder()
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
         if self.model.hyper == "vq":
-            z_sym = np.asarray(self._indices(v, z))[0]
+            z_sym = analysis["z_indices"]
             vq_lib.encode_indices(enc_z, tables["z"], z_sym)
             z_hat_q = vq_lib.dequantize_indices(tables["z"], z_sym)
         else:
-            z_hat_q = encode_factorized(enc_z, tables["z"], np.asarray(z)[0])
+            z = np.asarray(self.modulate(variables, analysis["z"], index, "forward_z"))
+            z_hat_q = encode_factorized(enc_z, tables["z"], z)
             z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
         enc_y = coder.new_encoder()
-        _, y_sym, idx = self._code_y(tables, z_hat_q, y=np.asarray(y)[0], encoder=enc_y)
+        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y, encoder=enc_y, index=index)
         streams = [coder.finish(enc_z), coder.finish(enc_y)]
         info = {
             "y_symbols": y_sym,
@@ -292,8 +376,17 @@ class HyperpriorCoding(BitstreamCoder):
         }
         return streams, info
 
-    def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int]):
-        """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices)."""
+    def compress(
+        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+        analysis = self.analyse(variables, image)
+        streams, info = self.encode_analysed(variables, tables, analysis, options)
+        return streams, info | {"analysis_s": analysis["analysis_s"]}
+
+    def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int], index=None):
+        """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices).
+        A conditioned model's y_hat is in the coded domain: `synthesise` takes its q index."""
         h, w = hw
         z_shape = (h // STRIDE, w // STRIDE)
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
@@ -305,16 +398,19 @@ class HyperpriorCoding(BitstreamCoder):
         else:
             n = tables["z"]["lengths"].shape[0]
             z_hat_q = decode_factorized(dec_z, tables["z"], (*z_shape, n))
-        y_hat_q, y_sym, idx = self._code_y(tables, z_hat_q, decoder=coder.new_decoder(streams[1]))
+        y_hat_q, y_sym, idx = self._code_y(
+            tables, z_hat_q, decoder=coder.new_decoder(streams[1]), index=index
+        )
         self.last_timings = {
             "entropy_s": time.perf_counter() - t0,
             "coding_s": _coding_seconds(tables) - c0,
         }
         return fixedpoint.from_fixed(y_hat_q).astype(np.float32), y_sym, idx
 
-    def synthesise(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
-        """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles."""
+    def synthesise(self, variables: Variables, y_hat: np.ndarray, index=None) -> np.ndarray:
+        """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles (after inverse_y at q's index)."""
         v = variables.collections()
+        y_hat = np.asarray(self.modulate(variables, y_hat, index, "inverse_y"))
         return synthesise_tiled(
             lambda y: self._synthesise(v, jnp.asarray(y)),
             y_hat,
@@ -325,16 +421,20 @@ class HyperpriorCoding(BitstreamCoder):
 
     def decompress(self, variables, tables, streams, hw, options, rng=None):
         """→ (uint8 [H, W, 3], info with the decoded y symbols)."""
-        y_hat, y_sym, idx = self.decode_latents(tables, streams, hw)
+        index = self.rate_index(tables, options)
+        y_hat, y_sym, idx = self.decode_latents(tables, streams, hw, index)
         t0 = time.perf_counter()
-        image = self.synthesise(variables, y_hat)
+        image = self.synthesise(variables, y_hat, index)
         info = {"y_symbols": y_sym, "y_idx": idx, "synthesis_s": time.perf_counter() - t0}
         return image, info | self.last_timings
 
     def decompress_batch(self, variables, tables, streams_list, hw, options, rng=None):
         """Several files of the same padded size: latents on the host, one batched g_s when the
         image fits one tile."""
-        y_hat = np.stack([self.decode_latents(tables, s, hw)[0] for s in streams_list])
+        index = self.rate_index(tables, options)
+        y_hat = np.stack([self.decode_latents(tables, s, hw, index)[0] for s in streams_list])
+        if index is not None:
+            y_hat = np.stack([self.modulate(variables, y, index, "inverse_y") for y in y_hat])
         if max(y_hat.shape[1:3]) > self.tile:
             return np.stack([self.synthesise(variables, y) for y in y_hat])
         return np.asarray(self._synthesise(variables.collections(), jnp.asarray(y_hat)))
