@@ -203,9 +203,8 @@ def unpack(
     (first,) = r.take(1)
     version = first >> 5
     if version not in VERSIONS:
-        raise BitstreamError(
-            f"unsupported .jxc format version {version} (this reader: {', '.join(map(str, VERSIONS))})"
-        )
+        readable = ", ".join(map(str, VERSIONS))
+        raise BitstreamError(f"unsupported .jxc format version {version} (this reader: {readable})")
     n_streams = (first & 0x0F) + 1
     found = {}
     if version == RATE_VERSION:

@@ -62,8 +62,9 @@ class RateConfig:
         if self.kind not in KINDS:
             raise ValueError(f"rate kind {self.kind!r}: use one of {KINDS}")
         if not 0 < self.lmbda_min < self.lmbda_max:
-            raise ValueError(f"rate needs 0 < lmbda_min < lmbda_max, got {self.lmbda_min}, "
-                             f"{self.lmbda_max}")  # fmt: skip
+            raise ValueError(
+                f"rate needs 0 < lmbda_min < lmbda_max, got {self.lmbda_min}, {self.lmbda_max}"
+            )
         if self.anchors < 2 or self.embed < 1:
             raise ValueError("rate needs anchors >= 2 and embed >= 1")
         if not 2 <= self.levels <= MAX_LEVELS:
@@ -132,8 +133,12 @@ def interpolate_setting(points, lmbda: float) -> float:
 
 
 # Sites of the modulation, each with (which latent, sign of the prior).
-_SITES = {"forward_y": ("y", 1.0), "inverse_y": ("y", -1.0),
-          "forward_z": ("z", 1.0), "inverse_z": ("z", -1.0)}  # fmt: skip
+_SITES = {
+    "forward_y": ("y", 1.0),
+    "inverse_y": ("y", -1.0),
+    "forward_z": ("z", 1.0),
+    "inverse_z": ("z", -1.0),
+}
 
 
 class RateConditioning(nn.Module):
@@ -145,24 +150,27 @@ class RateConditioning(nn.Module):
 
     def setup(self):
         c = self.config
+        channels = {"y": self.y_channels, "z": self.z_channels}
         if c.kind == "gain":
             anchors_q = jnp.linspace(0.0, 1.0, c.anchors)
-            for site, (latent, sign) in _SITES.items():
-                channels = self.y_channels if latent == "y" else self.z_channels
-
-                def init(key, shape, sign=sign):
-                    prior = sign * self.config.prior_log_scale(anchors_q)
-                    return jnp.broadcast_to(prior[:, None], shape)
-
-                setattr(self, f"log_gain_{site}", self.param(f"log_gain_{site}", init,
-                                                             (c.anchors, channels)))  # fmt: skip
+            self.log_gains = {
+                site: self.param(
+                    f"log_gain_{site}",
+                    lambda key, shape, sign=sign: jnp.broadcast_to(
+                        sign * c.prior_log_scale(anchors_q)[:, None], shape
+                    ),
+                    (c.anchors, channels[latent]),
+                )
+                for site, (latent, sign) in _SITES.items()
+            }
         else:
-            self.embed_0 = nn.Dense(c.embed, name="embed_0")
-            self.embed_1 = nn.Dense(c.embed, name="embed_1")
-            for site, (latent, _) in _SITES.items():
-                channels = self.y_channels if latent == "y" else self.z_channels
-                setattr(self, f"head_{site}", nn.Dense(2 * channels, name=f"head_{site}",
-                                                       kernel_init=nn.initializers.zeros))  # fmt: skip
+            self.embed_0 = nn.Dense(c.embed)
+            self.embed_1 = nn.Dense(c.embed)
+            zeros = nn.initializers.zeros
+            self.heads = {
+                site: nn.Dense(2 * channels[latent], kernel_init=zeros, name=f"head_{site}")
+                for site, (latent, _) in _SITES.items()
+            }
 
     def embedding(self, q: jax.Array) -> jax.Array:
         """λ embedding: sinusoidal features of q (8 octaves) → 2-layer MLP."""
@@ -177,14 +185,14 @@ class RateConditioning(nn.Module):
         c = self.config
         _, sign = _SITES[site]
         if c.kind == "gain":
-            gains = getattr(self, f"log_gain_{site}")
+            gains = self.log_gains[site]
             t = jnp.clip(q, 0.0, 1.0) * (c.anchors - 1)
             i = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, c.anchors - 2)
             w = (t - i)[:, None]
             log_scale = (1.0 - w) * gains[i] + w * gains[i + 1]
             shift = jnp.zeros_like(log_scale)
         else:
-            out = getattr(self, f"head_{site}")(self.embedding(q))
+            out = self.heads[site](self.embedding(q))
             delta, shift = jnp.split(out, 2, axis=-1)
             log_scale = sign * c.prior_log_scale(q)[:, None] + delta
             shift = jnp.clip(shift, -MAX_SHIFT, MAX_SHIFT)
