@@ -365,10 +365,25 @@ class TargetSizeCodec:
         return getattr(self.codec, name)
 
     def compress(self, image: np.ndarray) -> bytes:
-        return self.codec.compress_to_size(image, self.target_bpp)
+        data = self.codec.compress_to_size(image, self.target_bpp)
+        self.last_search = self.codec.last_search
+        return data
 
     def compress_batch(self, images: Sequence[np.ndarray]) -> list[bytes]:
         return [self.compress(image) for image in images]
+
+
+def rate_controlled(
+    codec: MethodCodec, quality: float | None = None, target_bpp: float | None = None
+) -> MethodCodec | TargetSizeCodec:
+    """The codec at `--quality Q`, or hitting `--target-bpp X`, or as it is (neither)."""
+    if quality is not None and target_bpp is not None:
+        raise ValueError("give --quality or --target-bpp, not both")
+    if quality is not None:
+        return codec.at_quality(quality)
+    if target_bpp is not None:
+        return TargetSizeCodec(codec, target_bpp)
+    return codec
 
 
 def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
