@@ -12,6 +12,12 @@ Two stages, trained in order by one command, each in its own sub-folder of the w
            the shifted cosine log-SNR; the fields of `stage2` override the top level.
 One stage alone: `--config.stages='(2,)'` (stage 2 starts from WORKDIR/stage1, or from
 `--config.init_from`), or `--config.stages='()' --config.stage=N` in the workdir itself.
+
+One model for every rate: `configs/hfd.py:tiny,variable_rate=1[,rate_kind=gain|affine]` makes the
+autoencoder rate-conditioned (`model.rate`, see `jaxcodec.nn.rate`): λ drawn per example,
+log-uniform over [rate.lmbda_min, rate.lmbda_max] (`loss.lmbda` is then unused); files pick
+their rate with `jaxcodec compress --quality Q` or `--target-bpp X`. `launch/variable_rate.sh`
+trains them.
 """
 
 import ml_collections
@@ -20,10 +26,13 @@ from jaxcodec.configlib import base_config, parse_arg
 from jaxcodec.data import default_data_config
 
 VARIANTS = ("tiny", "base", "full")
+# The rate-conditioned model's λ range: CompressAI's four lowest rate points' (q1 … q4).
+LAMBDA_RANGE = (0.0018, 0.0130)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_arg(arg, variants=VARIANTS)["variant"]
+    a = parse_arg(arg, variants=VARIANTS, variable_rate=0, rate_kind="gain")
+    variant = a["variant"]
     c = base_config("hfd", variant)
     c.stages = (1, 2)  # trained in order, in WORKDIR/stage1, WORKDIR/stage2
 
@@ -43,6 +52,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # R + λ·255²·MSE; λ sets the rate point (CompressAI's scale: 0.0018 ≈ 0.1 bpp on Kodak).
     c.loss = ml_collections.ConfigDict(dict(lmbda=0.0035))
+    if a["variable_rate"]:
+        # One model for every λ in the range: gain units (Cui et al.) or an affine modulation
+        # from a λ embedding at the latents; `levels` q values a file can name (its header).
+        c.model.rate = ml_collections.ConfigDict(
+            dict(
+                kind=a["rate_kind"],
+                lmbda_min=LAMBDA_RANGE[0],
+                lmbda_max=LAMBDA_RANGE[1],
+                anchors=8,
+                embed=64,
+                levels=256,
+                default_quality=50.0,
+            )
+        )
 
     # --- Stage 2: the score-based decoder. The project's UNet for pixels, no cross-attention
     # (diffusers field names), input concat(z_t, stage-1 reconstruction, context, mask).

@@ -17,6 +17,12 @@ Stages (one model per rate point λ_r ∈ {2, 1, 0.5, 0.25, 0.1}):
            decoder: λ_r·(MSE + 0.5·LPIPS) + R + L_vq + λ_r·‖z_c − z_0‖²; 256 crops, lr 2e-5;
            starts from stage 1 (`--config.init_from=STAGE1_WORKDIR`).
 `launch/rdeic_rates.sh` trains both stages of all five rate points.
+
+One model for every rate point: `variable_rate=1[,rate_kind=gain|affine]` conditions the compressor
+on q (`compressor.rate`, see `jaxcodec.nn.rate`): λ_r drawn per example, log-uniform over
+[0.1, 2] (`lambda_r` is then unused); files carry q, and their default sampler steps follow it
+(`decode.steps_by_rate`: the fixed-rate configs' steps). Stage 2 of such a model fine-tunes
+through one chain of `loss.fixed_steps` (default 2). `launch/variable_rate.sh` trains them.
 """
 
 import os
@@ -75,7 +81,15 @@ def fixed_steps(lambda_r: float) -> int:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=2.0, backbone="")
+    a = parse_arg(
+        arg,
+        variants=VARIANTS,
+        stage=1,
+        lambda_r=2.0,
+        backbone="",
+        variable_rate=0,
+        rate_kind="gain",
+    )
     variant, stage, lambda_r = a["variant"], a["stage"], a["lambda_r"]
     if stage not in (1, 2):
         raise ValueError(f"RDEIC has stages 1 and 2, not {stage}")
@@ -112,6 +126,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # Decoder settings written into every file's header (the decoder repeats them).
     c.decode = ml_collections.ConfigDict(dict(steps=fixed_steps(lambda_r), guidance=1.0, seed=0))
+    if a["variable_rate"]:
+        c.model.compressor.rate = ml_collections.ConfigDict(
+            dict(
+                kind=a["rate_kind"],
+                lmbda_min=min(RATE_POINTS),
+                lmbda_max=max(RATE_POINTS),
+                anchors=8,
+                embed=64,
+                levels=256,
+                default_quality=50.0,
+            )
+        )
+        c.loss.fixed_steps = 2
+        c.decode.steps_by_rate = tuple((lam, fixed_steps(lam)) for lam in RATE_POINTS)
 
     # --- Data.
     c.data = default_data_config(source="folder", crop_size=512 if stage == 1 else 256)
@@ -131,9 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if variant == "tiny":
         c.model.sd_path = a["backbone"] or tiny_sd_folder()
-        c.model.compressor = ml_collections.ConfigDict(
-            dict(N=32, M=32, groups=(8, 24), num_codes=64, res_blocks=(1, 1))
-        )
+        c.model.compressor.update(dict(N=32, M=32, groups=(8, 24), num_codes=64, res_blocks=(1, 1)))
         c.model.adapter = ml_collections.ConfigDict(dict(size_ratio=0.25, head_channels=4))
         c.data = default_data_config(source="skimage", crop_size=64)
         c.eval_data.max_images = 2

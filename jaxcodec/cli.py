@@ -141,6 +141,28 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="decode setting stored in the file (e.g. steps=4, seed=3, guidance=1.5)",
     )
+    _rate_args(p)
+
+
+def _rate_args(p: argparse.ArgumentParser) -> None:
+    """The rate of a rate-conditioned model (`configs/...:variable_rate=1`)."""
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--quality",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="rate-conditioned models: 0 (smallest files) … 100 (best quality); default: the "
+        "model's",
+    )
+    rate.add_argument(
+        "--target-bpp",
+        type=float,
+        default=None,
+        metavar="X",
+        help="rate-conditioned models: the largest file of at most X bits per pixel (header "
+        "included; bisection over the quality, each probe a real encode)",
+    )
 
 
 def _decompress_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +188,7 @@ def _say_which_stage(checkpoint: str, codec) -> None:
 
 @subcommand("compress", _compress_args)
 def _compress(args) -> int:
-    from jaxcodec.codec import load_codec, parse_options
+    from jaxcodec.codec import load_codec, parse_options, rate_controlled
     from jaxcodec.data.images import IMAGE_EXTENSIONS
 
     inputs, output = _input_output(args)
@@ -175,6 +197,7 @@ def _compress(args) -> int:
         args.checkpoint, overrides=args.overrides, options=parse_options(args.option)
     )
     _say_which_stage(args.checkpoint, codec)
+    codec = rate_controlled(codec, args.quality, args.target_bpp)
     if jobs is not None:
         return compress_many(codec, jobs, batch_size=args.batch_size, quiet=args.quiet)
     r = compress_file(codec, inputs[0], output)
@@ -182,6 +205,10 @@ def _compress(args) -> int:
         f"{output}: {r['bytes']} bytes, {r['bpp']:.4f} bpp "
         f"({r['width']}x{r['height']}, model {codec.name} id {codec.model_id})"
     )
+    if args.target_bpp is not None:
+        s = codec.last_search
+        note = "" if s["reached"] else " (the smallest file this model makes: above the target)"
+        print(f"quality {s['quality']:.1f} after {s['probes']} probes{note}")
     return 0
 
 

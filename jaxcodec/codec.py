@@ -4,10 +4,15 @@
 integer entropy tables, previous stages' models, never optimiser state), loads the method's
 pretrained frozen parts from their sources and checks their digests, and wraps the method's
 `BitstreamCoder` with padding, cropping, header options, the decoder's budget and the container.
+
+A rate-conditioned model's codec picks its rate per file: `at_quality(Q)` / `at_rate(index)`
+(the header option ``rate``), or `compress_to_size(image, bpp)`, which bisects q for the largest
+file within a size (`TargetSizeCodec` wraps that as a codec, for the CLI and evaluation).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -178,9 +183,11 @@ class MethodCodec:
                 f"{method.name} stage {method.stage} has no decode option(s) {sorted(unknown)}; "
                 f"it takes {sorted(declared) or 'none'}"
             )
-        self.options = {
-            k: container.option_value(v, k) for k, v in {**declared, **(options or {})}.items()
+        self.user_options = {
+            k: container.option_value(v, k) for k, v in dict(options or {}).items()
         }
+        index = self.user_options.get(container.RATE_OPTION, declared.get(container.RATE_OPTION))
+        self.options = self._options_at(index, declared)
         model_cfg = method.config.model.to_dict() if "model" in method.config else {}
         self.hash = model_hash(
             method.name,
@@ -196,6 +203,95 @@ class MethodCodec:
     @property
     def model_id(self) -> str:
         return self.hash[: container.MODEL_ID_BYTES].hex()
+
+    # --- Rate control (rate-conditioned models) ---------------------------------------------
+
+    @property
+    def rate_config(self):
+        """The model's `jaxcodec.nn.rate.RateConfig`, or None for a fixed-rate model."""
+        return self.coder.rate_config
+
+    def _options_at(self, index: int | None, base: dict | None = None) -> dict[str, Any]:
+        """Header options of a file at q's grid index: the coder's rate-dependent defaults
+        (e.g. sampler steps) under the options given explicitly."""
+        out = dict(self.coder.options() if base is None else base)
+        if index is not None:
+            index = self.rate_config.check_index(index)
+            out |= self.coder.rate_options(index) | {container.RATE_OPTION: index}
+        out |= self.user_options
+        if index is not None:
+            out[container.RATE_OPTION] = index
+        return {k: container.option_value(v, k) for k, v in out.items()}
+
+    def _require_rate(self, what: str):
+        if self.rate_config is None:
+            raise ValueError(
+                f"{what} needs a rate-conditioned model; {self.name} has one fixed rate "
+                "(train one with the config's variable_rate=1)"
+            )
+        return self.rate_config
+
+    def at_rate(self, index: int) -> MethodCodec:
+        """This codec writing files at q's grid index (shares the model and compiled code)."""
+        rate = self._require_rate("a rate index")
+        out = copy.copy(self)
+        out.options = self._options_at(rate.check_index(index))
+        out.name = f"{self.name}-q{rate.quality_of_index(index):g}"
+        return out
+
+    def at_quality(self, quality: float) -> MethodCodec:
+        """`--quality Q`: Q ∈ [0, 100] runs linearly over q (log-linearly over λ)."""
+        return self.at_rate(self._require_rate("--quality").index_of_quality(quality))
+
+    def compress_to_size(self, image: np.ndarray, target_bpp: float) -> bytes:
+        """The file at the largest q whose size (header included) is ≤ `target_bpp`, found by
+        bisection over q's grid; each probe is a real encode of the same analysis (computed
+        once). When even the lowest q is larger, its file is returned: the nearest reachable
+        rate. `last_search` reports the outcome."""
+        rate = self._require_rate("--target-bpp")
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+        if not target_bpp > 0 or not np.isfinite(target_bpp):
+            raise ValueError(f"target bpp {target_bpp} must be a positive number")
+        h, w = image.shape[:2]
+        max_bytes = int(np.floor(target_bpp * h * w / 8.0))
+        t0 = time.perf_counter()
+        analysis = self.coder.analyse(self.variables, pad_to_multiple(image, self.coder.stride))
+        t1 = time.perf_counter()
+        files: dict[int, tuple[bytes, dict]] = {}
+
+        def size(index: int) -> int:
+            options = self._options_at(index)
+            streams, info = self.coder.encode_analysed(
+                self.variables, self.tables, analysis, options
+            )
+            header = container.Header(h, w, self.hash[: container.MODEL_ID_BYTES], options)
+            files[index] = (container.pack(header, streams, self.hash), info)
+            return len(files[index][0])
+
+        lo, hi = 0, rate.levels - 1
+        if size(hi) <= max_bytes:
+            best = hi
+        elif size(lo) > max_bytes:
+            best = lo  # unreachable: the smallest file this model makes
+        else:  # size(lo) ≤ max_bytes < size(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if size(mid) <= max_bytes else (lo, mid)
+            best = lo
+        data, info = files[best]
+        self.timings = {"encode": time.perf_counter() - t0, "analysis": t1 - t0}
+        self.last_info = info
+        self.last_search = {
+            "rate": best,
+            "quality": rate.quality_of_index(best),
+            "bpp": 8.0 * len(data) / (h * w),
+            "target_bpp": float(target_bpp),
+            "reached": len(data) <= max_bytes,
+            "probes": len(files),
+        }
+        return data
 
     def compress(self, image: np.ndarray) -> bytes:
         return self.compress_batch([image])[0]
@@ -284,6 +380,40 @@ class MethodCodec:
             np.ascontiguousarray(im[: h.height, : h.width])
             for im, (h, _) in zip(images, parsed, strict=True)
         ]
+
+
+class TargetSizeCodec:
+    """A rate-conditioned codec whose every file is the largest within `target_bpp`
+    (`MethodCodec.compress_to_size`); anything else is the wrapped codec's."""
+
+    def __init__(self, codec: MethodCodec, target_bpp: float):
+        codec._require_rate("--target-bpp")
+        self.codec, self.target_bpp = codec, float(target_bpp)
+        self.name = f"{codec.name}-target{self.target_bpp:g}bpp"
+
+    def __getattr__(self, name: str):
+        return getattr(self.codec, name)
+
+    def compress(self, image: np.ndarray) -> bytes:
+        data = self.codec.compress_to_size(image, self.target_bpp)
+        self.last_search = self.codec.last_search
+        return data
+
+    def compress_batch(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        return [self.compress(image) for image in images]
+
+
+def rate_controlled(
+    codec: MethodCodec, quality: float | None = None, target_bpp: float | None = None
+) -> MethodCodec | TargetSizeCodec:
+    """The codec at `--quality Q`, or hitting `--target-bpp X`, or as it is (neither)."""
+    if quality is not None and target_bpp is not None:
+        raise ValueError("give --quality or --target-bpp, not both")
+    if quality is not None:
+        return codec.at_quality(quality)
+    if target_bpp is not None:
+        return TargetSizeCodec(codec, target_bpp)
+    return codec
 
 
 def _apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

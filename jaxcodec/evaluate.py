@@ -183,6 +183,10 @@ def evaluate_point(
         h, w = img.shape[:2]
         row = {"image": name, "height": h, "width": w, "bytes": len(data)}
         row["bpp"] = 8.0 * len(data) / (h * w)
+        if getattr(codec, "target_bpp", None) is not None:  # a --target-bpp search
+            s = codec.last_search
+            row |= {"target_bpp": s["target_bpp"], "reached": float(s["reached"])}
+            row |= {"quality": s["quality"], "probes": s["probes"]}
         row.update(suite.image(img, rec))
         # A codec may report a breakdown ("denoise", "entropy_s", ...): keep all of it.
         enc = {k.removesuffix("_s"): float(v) for k, v in enc_timings.items()}
@@ -344,6 +348,17 @@ def _load_checkpoint_codec(path: str, options: Sequence[str] = ()) -> ImageCodec
     return load_codec(path, options=parse_options(options))
 
 
+def _rate_points(codec, qualities, targets) -> list[ImageCodec]:
+    """A rate-conditioned checkpoint's curve: one codec per --quality and per --target-bpp."""
+    from jaxcodec.codec import rate_controlled
+
+    if not qualities and not targets:
+        return [codec]
+    return [rate_controlled(codec, quality=q) for q in qualities or ()] + [
+        rate_controlled(codec, target_bpp=t) for t in targets or ()
+    ]
+
+
 def _parse_values(text: str | None) -> list[float] | None:
     if not text:
         return None
@@ -376,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="decode setting for every --checkpoint, written in its files (e.g. steps=2, "
         "patch=512); default: the model's own",
+    )
+    p.add_argument(
+        "--quality",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="rate-conditioned checkpoints: one rate point per quality (0 … 100)",
+    )
+    p.add_argument(
+        "--target-bpp",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="X",
+        help="rate-conditioned checkpoints: one rate point per target, every file the largest "
+        "of at most X bpp (per-image search results in the JSON)",
     )
     p.add_argument("--data", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="output folder (created)")
@@ -426,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["fid_protocol"] = "256x256 patches, plus a second pass shifted by 128 (HiFiC)"
 
     curves: list[tuple[str, str, list[ImageCodec]]] = []
+    if args.codec and (args.quality or args.target_bpp):
+        raise SystemExit("--quality and --target-bpp are for rate-conditioned --checkpoint models")
     if args.codec:
         from jaxcodec.baselines import BACKENDS, sweep
 
@@ -434,7 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             desc = f"{c} via {'imagecodecs' if c == 'jxl' else 'pillow-heif' if c == 'heic' else 'Pillow'}, {BACKENDS[c].knob} sweep"  # noqa: E501
             curves.append((c, desc, sweep(c, values)))
     else:
-        codecs = [_load_checkpoint_codec(w, args.option) for w in args.checkpoint]
+        codecs = [
+            c
+            for w in args.checkpoint
+            for c in _rate_points(
+                _load_checkpoint_codec(w, args.option), args.quality, args.target_bpp
+            )
+        ]
         name = args.name or "jaxcodec"
         desc = "jaxcodec checkpoints: " + ", ".join(os.path.abspath(w) for w in args.checkpoint)
         curves.append((name, desc, codecs))

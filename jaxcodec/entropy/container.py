@@ -4,6 +4,7 @@ Layout (all integers unsigned LEB128 varints unless stated):
 
     magic        2 bytes  b"JX"
     byte         bits 7-5 format version, bit 4 options present, bits 3-0 number of streams - 1
+    [rate]       2 bytes  (version 4 only) q's grid index of a rate-conditioned model, big endian
     [options]    varint of flags (bit i = option i of `OPTIONS` present), then the present
                  options in bit order
     model id     2 bytes  first bytes of the model hash (fast, clear "wrong checkpoint" error)
@@ -16,7 +17,12 @@ The checksum is seeded with the full model hash, so a file made with another che
 it too. Options are registered here once, so a bit means the same setting for every method; a
 method declares which of them its decoder needs (`BitstreamCoder.options`), and `unpack`
 refuses a file that carries any other set. With two streams and no options a Kodak-size file
-has 15 bytes of overhead. Every failure is a `BitstreamError` with a one-line message; sizes
+has 15 bytes of overhead.
+
+The rate of a rate-conditioned model (`jaxcodec.nn.rate`) travels as the option ``rate`` like
+any other decode setting, but in a fixed 2-byte field right after the first byte: such files are
+written as version 4, every other file stays version 3 (byte for byte what earlier writers
+made), and readers take both. Every failure is a `BitstreamError` with a one-line message; sizes
 are bounded before anything is allocated.
 """
 
@@ -30,6 +36,10 @@ import numpy as np
 MAGIC = b"JX"
 VERSION = 3  # 2: option flags became a varint, options for noise level and patch size;
 # 3: entropy parameters from integer networks (int8 weights, int32 accumulation) on the device
+RATE_VERSION = 4  # version 3 + the 2-byte rate field (files of rate-conditioned models)
+VERSIONS = (VERSION, RATE_VERSION)
+RATE_OPTION = "rate"  # q's grid index: the option name methods and codecs use
+RATE_MAX = (1 << 16) - 1
 MODEL_ID_BYTES = 2
 CHECKSUM_BYTES = 4
 MAX_SIDE = 1 << 16  # pixels per side
@@ -49,7 +59,7 @@ OPTIONS: tuple[tuple[str, str], ...] = (
     ("noise_level", "f16"),  # rate-adaptive noise strength (DiffO)
     ("patch", "u"),  # patch size of a patch-wise decoder (HFD)
 )
-OPTION_KINDS = dict(OPTIONS)
+OPTION_KINDS = dict(OPTIONS) | {RATE_OPTION: "u16"}
 
 
 class BitstreamError(ValueError):
@@ -115,12 +125,16 @@ def pack(header: Header, streams: list[bytes], model_hash: bytes) -> bytes:
         raise ValueError(f"image size {header.height}x{header.width} out of range")
     if header.height * header.width > MAX_PIXELS:
         raise ValueError("image too large for the container")
-    unknown = set(header.options) - {name for name, _ in OPTIONS}
+    unknown = set(header.options) - set(OPTION_KINDS)
     if unknown:
         raise ValueError(f"unknown container options {sorted(unknown)}")
     out = bytearray(MAGIC)
-    has_options = bool(header.options)
-    out.append((VERSION << 5) | (int(has_options) << 4) | (len(streams) - 1))
+    rate = header.options.get(RATE_OPTION)
+    has_options = bool(set(header.options) - {RATE_OPTION})
+    version = VERSION if rate is None else RATE_VERSION
+    out.append((version << 5) | (int(has_options) << 4) | (len(streams) - 1))
+    if rate is not None:
+        out += struct.pack(">H", option_value(rate, RATE_OPTION))
     if has_options:
         flags = 0
         payload = bytearray()
@@ -150,9 +164,10 @@ def option_value(value, name: str):
     """The value of an option as the decoder will read it (encoders use this too)."""
     if name not in OPTION_KINDS:
         raise ValueError(f"unknown container option {name!r}; known: {sorted(OPTION_KINDS)}")
-    if OPTION_KINDS[name] == "u":
-        if int(value) != value or not 0 <= int(value) <= _MAX_OPTION:
-            raise ValueError(f"option {name} must be an integer in [0, {_MAX_OPTION}], got {value}")
+    if OPTION_KINDS[name] in ("u", "u16"):
+        top = _MAX_OPTION if OPTION_KINDS[name] == "u" else RATE_MAX
+        if int(value) != value or not 0 <= int(value) <= top:
+            raise ValueError(f"option {name} must be an integer in [0, {top}], got {value}")
         return int(value)
     v = float(np.float16(value))
     if not np.isfinite(v):
@@ -187,10 +202,13 @@ def unpack(
     r.take(2)
     (first,) = r.take(1)
     version = first >> 5
-    if version != VERSION:
-        raise BitstreamError(f"unsupported .jxc format version {version} (this reader: {VERSION})")
+    if version not in VERSIONS:
+        readable = ", ".join(map(str, VERSIONS))
+        raise BitstreamError(f"unsupported .jxc format version {version} (this reader: {readable})")
     n_streams = (first & 0x0F) + 1
     found = {}
+    if version == RATE_VERSION:
+        (found[RATE_OPTION],) = struct.unpack(">H", r.take(2))
     if first & 0x10:
         flags = r.varint(1 << 62)
         if flags >> len(OPTIONS) or not flags:

@@ -181,6 +181,29 @@ class BitstreamCoder(abc.ABC):
         """Decode-time settings this coder writes into every header, with their defaults."""
         return {}
 
+    # --- Rate-conditioned models (`jaxcodec.nn.rate`): the option "rate" is q's grid index.
+
+    @property
+    def rate_config(self) -> Any:
+        """The `RateConfig` of a rate-conditioned model, else None."""
+        return None
+
+    def rate_options(self, index: int) -> dict[str, Any]:
+        """Decode settings that follow the rate (e.g. sampler steps per rate point), as
+        defaults for a file at q's grid index `index`; an explicit option wins."""
+        return {}
+
+    def analyse(self, variables: Variables, image: np.ndarray) -> Any:
+        """The part of `compress` that does not depend on the options (the analysis transform),
+        so a search over q (`MethodCodec.compress_to_size`) runs it once."""
+        return image
+
+    def encode_analysed(
+        self, variables: Variables, tables, analysis: Any, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """`compress` from an `analyse` result."""
+        return self.compress(variables, tables, analysis, options)
+
     @abc.abstractmethod
     def compress(
         self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]

@@ -7,6 +7,11 @@ continuous time on the cosine log-SNR shifted by η. Images larger than the trai
 decoded in patch groups (`jaxcodec.diffusion.patches`), each patch conditioned on what earlier
 groups generated; the model learns that conditioning from random context masks. The rate is
 the autoencoder's alone.
+
+With `model.rate` set (`configs/hfd.py:VARIANT,variable_rate=1`) the autoencoder is one model for
+every rate: each training example draws its own q (λ log-uniform over the range) and the loss
+weighs its distortion by that λ; files carry q in their header (`jaxcodec.nn.rate`). Stage 2
+then learns from reconstructions at random q, so one score decoder serves every rate.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from jaxcodec.methods.base import (
     to_uint8,
 )
 from jaxcodec.nn.hyperprior import HyperpriorCoding, MeanScaleHyperprior
+from jaxcodec.nn.rate import RateConfig
 from jaxcodec.nn.unet import UNet, UNetConfig
 
 # Input channels of the stage-2 UNet: z_t, the stage-1 reconstruction, context, context mask.
@@ -58,6 +64,7 @@ def autoencoder(config) -> MeanScaleHyperprior:
         context_groups=groups,
         hyper=m.get("hyper", "factorized"),
         num_codes=m.get("num_codes", 16384),
+        rate=RateConfig.from_config(m.get("rate")),
     )
 
 
@@ -103,7 +110,8 @@ class HFD(Method):
         x = to_float(batch["image"])
         params_rng, noise_rng = jax.random.split(rng)
         if self.stage == 1:
-            return self.autoencoder.init({"params": params_rng}, x, train=True, key=noise_rng)
+            q = self._default_q(x.shape[0])
+            return self.autoencoder.init({"params": params_rng}, x, train=True, key=noise_rng, q=q)
         inputs = jnp.zeros((*x.shape[:3], DENOISER_INPUTS), jnp.float32)
         return self.model.init(params_rng, inputs, jnp.zeros((x.shape[0],)))
 
@@ -125,14 +133,28 @@ class HFD(Method):
 
     # --- Stage 1: the autoencoder -------------------------------------------------------
 
+    def _default_q(self, batch: int) -> jax.Array | None:
+        """q of the default quality for every example (None for a fixed-rate autoencoder)."""
+        rate = self.autoencoder.rate
+        if rate is None:
+            return None
+        return jnp.full((batch,), rate.q(rate.default_index), jnp.float32)
+
     def _stage1_loss(self, params, state, batch: Batch, rng: jax.Array):
         x = to_float(batch["image"])
-        noise_rng, restart_rng = jax.random.split(rng)
+        rate = self.autoencoder.rate
+        if rate is None:
+            noise_rng, restart_rng = jax.random.split(rng)
+            q = None
+        else:
+            noise_rng, restart_rng, q_rng = jax.random.split(rng, 3)
+            q = rate.sample_q(q_rng, x.shape[0])
         out, new_state = self.autoencoder.apply(
             {"params": params, **state},
             x,
             train=True,
             key=noise_rng,
+            q=q,
             mutable=list(state),
             rngs={"vq_restart": restart_rng},
         )
@@ -141,7 +163,11 @@ class HFD(Method):
         bpp_z = bits(out.likelihoods["z"]) / num_pixels
         mse = jnp.mean(jnp.square(out.x_hat - x))
         bpp = bpp_y + bpp_z
-        rd = bpp + self.config.loss.lmbda * 255.0**2 * mse
+        if rate is None:
+            rd = bpp + self.config.loss.lmbda * 255.0**2 * mse
+        else:  # each example's distortion weighed by its own λ(q)
+            mse_i = jnp.mean(jnp.square(out.x_hat - x), axis=(1, 2, 3))
+            rd = bpp + jnp.mean(rate.lmbda(q) * 255.0**2 * mse_i)
         aux = self.autoencoder.apply({"params": params, **state}, method="aux_loss")
         metrics = {
             "loss": rd,
@@ -160,10 +186,15 @@ class HFD(Method):
 
     # --- Stage 2: the score-based decoder -----------------------------------------------
 
-    def reconstruct(self, frozen, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def reconstruct(
+        self, frozen, images: jax.Array, q: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Stage-1 decoding of float images in [0, 1] → (8-bit reconstruction in [-1, 1], bits
-        per image), as the decoder will see it."""
-        out = self.autoencoder.apply(frozen["autoencoder"], images, train=False)
+        per image), as the decoder will see it; a conditioned autoencoder at q [B] (default:
+        the default quality)."""
+        if q is None:
+            q = self._default_q(images.shape[0])
+        out = self.autoencoder.apply(frozen["autoencoder"], images, train=False, q=q)
         rate = bits(out.likelihoods["y"], axis=(1, 2, 3)) + bits(
             out.likelihoods["z"], axis=(1, 2, 3)
         )
@@ -198,9 +229,14 @@ class HFD(Method):
 
     def _stage2_loss(self, params, frozen, state, batch: Batch, rng: jax.Array):
         x01 = to_float(batch["image"])
-        recon, _ = self.reconstruct(frozen, x01)
+        q = None
+        if self.autoencoder.rate is None:
+            k_mask, k_diffusion = jax.random.split(rng)
+        else:  # one score decoder for every rate: reconstructions at random q
+            k_mask, k_diffusion, k_q = jax.random.split(rng, 3)
+            q = self.autoencoder.rate.sample_q(k_q, x01.shape[0])
+        recon, _ = self.reconstruct(frozen, x01, q)
         x0 = self.to_target(x01 * 2.0 - 1.0, recon)
-        k_mask, k_diffusion = jax.random.split(rng)
         d = self.config.decoder
         patch = x0.shape[1]
         mask = context_mask(k_mask, x0.shape[0], patch, patch // 4, d.context_probability)
@@ -250,7 +286,8 @@ class HFD(Method):
         h, w = valid_hw
         ref = to_uint8(images[:, :h, :w]).astype(jnp.float32)
         if self.stage == 1:
-            out = self.autoencoder.apply(variables.collections(), images, train=False)
+            q = self._default_q(images.shape[0])
+            out = self.autoencoder.apply(variables.collections(), images, train=False, q=q)
             rate = bits(out.likelihoods["y"], axis=(1, 2, 3))
             rate += bits(out.likelihoods["z"], axis=(1, 2, 3))
             recon = to_uint8(out.x_hat[:, :h, :w])
@@ -292,22 +329,36 @@ class DiffusionCoder(BitstreamCoder):
 
     def options(self) -> dict[str, Any]:
         d = self.method.config.decode
-        return {"steps": int(d.steps), "seed": int(d.seed), "patch": int(d.patch)}
+        out = {"steps": int(d.steps), "seed": int(d.seed), "patch": int(d.patch)}
+        return out | self.method.ae_coder.options()  # a conditioned autoencoder's q
 
     def _autoencoder_variables(self, variables: Variables) -> Variables:
         ae = dict(variables.frozen["autoencoder"])
         return Variables(ae.pop("params"), ae)
 
+    @property
+    def rate_config(self):
+        return self.method.ae_coder.rate_config
+
+    def analyse(self, variables, image):
+        return self.method.ae_coder.analyse(self._autoencoder_variables(variables), image)
+
+    def encode_analysed(self, variables, tables, analysis, options: Mapping[str, Any]):
+        return self.method.ae_coder.encode_analysed(
+            self._autoencoder_variables(variables), tables, analysis, options
+        )
+
     def compress(self, variables, tables, image, options: Mapping[str, Any]):
         return self.method.ae_coder.compress(
-            self._autoencoder_variables(variables), tables, image, {}
+            self._autoencoder_variables(variables), tables, image, options
         )
 
     def decompress(self, variables, tables, streams, hw, options, rng):
         ae_coder = self.method.ae_coder
-        y_hat, y_sym, _ = ae_coder.decode_latents(tables, streams, hw)
+        index = ae_coder.rate_index(tables, options)
+        y_hat, y_sym, _ = ae_coder.decode_latents(tables, streams, hw, index)
         t0 = time.perf_counter()
-        recon = ae_coder.synthesise(self._autoencoder_variables(variables), y_hat)
+        recon = ae_coder.synthesise(self._autoencoder_variables(variables), y_hat, index)
         t1 = time.perf_counter()
         patch, steps = int(options["patch"]), int(options["steps"])
         if patch < 64 or patch % 64:

@@ -9,6 +9,13 @@ DDPM steps) and, at decode time, the guidance λ_s between the plain and the con
 
 Stage 1 trains compressor + adapter on independent timesteps, stage 2 through the whole
 fixed-step chain and the VAE decoder (LPIPS from the frozen `lpips` part). See configs/rdeic.py.
+
+One model for every rate (`configs/rdeic.py:VARIANT,variable_rate=1`): the compressor is
+rate-conditioned (`jaxcodec.nn.rate`), every training example draws its own λ_r (log-uniform over
+the five rate points' range) and weighs its distortion terms by it, and the decoder knows the
+rate: the sampler steps a file gets by default follow q, interpolated from the fixed-rate configs
+(`decode.steps_by_rate`). The relay start N stays the model's: the paper's N is 300 at every rate
+point, so N(q) is that constant.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ from jaxcodec.methods.base import (
     to_uint8,
 )
 from jaxcodec.nn import latent_compressor as lc
+from jaxcodec.nn import rate as rate_lib
 from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
+from jaxcodec.nn.rate import RateConfig, interpolate_setting
 from jaxcodec.nn.unet import SD21_BASE_UNET, UNet, UNetConfig, unet_param_shapes
 from jaxcodec.nn.vae import SD21_BASE_VAE, AutoencoderKL, VAEConfig, vae_param_shapes
 from jaxcodec.weights import diffusers as dw
@@ -111,6 +120,7 @@ class RDEIC(Method):
             groups=tuple(cc.groups),
             num_codes=cc.num_codes,
             res_blocks=tuple(cc.get("res_blocks", (4, 3))),
+            rate=RateConfig.from_config(cc.get("rate")),
         )
         self.adapter_config = ControlAdapterConfig.rdeic(
             m.adapter.size_ratio, m.adapter.head_channels, hint_channels=cc.M
@@ -123,14 +133,33 @@ class RDEIC(Method):
         self.relay_start = int(m.relay_start)
         # 0 (the default): the backbone's own scaling_factor (its vae/config.json)
         self.scale = float(m.scale_factor) or self.vae_config.scaling_factor
+        self.rate = self.compressor_config.rate
         self._coder = RDEICCoding(self)
+
+    # --- The rate (rate-conditioned models) -------------------------------------------------
+
+    def steps_at(self, index: int) -> int:
+        """Sampler steps of a file at q's grid index: the fixed-rate configs' steps per λ_r
+        (`decode.steps_by_rate`, (λ_r, steps) pairs: 2 for λ_r ≥ 1, 5 below) at q's λ_r,
+        interpolated in log λ and rounded."""
+        points = self.config.decode.get("steps_by_rate")
+        if not points:
+            return int(self.config.decode.steps)
+        lmbda = float(self.rate.lmbda(self.rate.q(index)))
+        return int(np.floor(interpolate_setting(points, lmbda) + 0.5))
+
+    def _q(self, batch: int) -> jax.Array | None:
+        """q of the default quality for every example (None for a fixed-rate model)."""
+        if self.rate is None:
+            return None
+        return jnp.full((batch,), self.rate.q(self.rate.default_index), jnp.float32)
 
     # --- Variables -----------------------------------------------------------------------
 
     def init(self, rng, batch: Batch):
         k_c, k_a, k_n = jax.random.split(fast_key(rng), 3)
         h = jnp.zeros((1, 8, 8, self.compressor_config.in_channels))
-        comp = self.compressor.init({"params": k_c}, h, train=True, key=k_n)
+        comp = self.compressor.init({"params": k_c}, h, train=True, key=k_n, q=self._q(1))
         side = 2 ** (len(self.unet_config.block_out_channels) - 1)
         z = jnp.zeros((1, side, side, self.unet_config.in_channels))
         hint = jnp.zeros((1, side, side, self.compressor_config.M))
@@ -255,6 +284,9 @@ class RDEIC(Method):
     def loss(self, params, frozen, state, batch: Batch, rng: jax.Array):
         x = to_float(batch["image"]) * 2.0 - 1.0
         k_post, k_y, k_vq, k_diff = jax.random.split(fast_key(rng), 4)
+        q = None
+        if self.rate is not None:  # each example its own λ_r (drawn from the step's key)
+            q = self.rate.sample_q(jax.random.fold_in(rng, 1), x.shape[0])
         enc = self._encode(frozen, x)
         z0 = enc["mean"] + jnp.exp(0.5 * enc["logvar"]) * jax.random.normal(
             k_post, enc["mean"].shape
@@ -265,15 +297,24 @@ class RDEIC(Method):
             enc["h"],
             train=True,
             key=k_y,
+            q=q,
             mutable=list(state),
             rngs={"vq_restart": k_vq},
         )
-        lam = float(self.config.loss.lambda_r)
+        if q is None:
+            lam = float(self.config.loss.lambda_r)
+            weigh = lambda per_example: lam * jnp.mean(per_example)  # noqa: E731
+        else:
+            lam = self.rate.lmbda(q)
+            weigh = lambda per_example: jnp.mean(lam * per_example)  # noqa: E731
         num_pixels = x.shape[0] * x.shape[1] * x.shape[2]
         bpp_y = bits(out.y_likelihoods) / num_pixels
         bpp_z = out.indices.size * lc.index_bits(self.compressor_config) / num_pixels
         z_c_mse = jnp.mean(jnp.square(out.z_c - z0))
-        loss = bpp_y + out.vq_loss + lam * z_c_mse
+        if q is None:
+            loss = bpp_y + out.vq_loss + lam * z_c_mse
+        else:
+            loss = bpp_y + out.vq_loss + weigh(jnp.mean(jnp.square(out.z_c - z0), axis=(1, 2, 3)))
         metrics = {
             "bpp": bpp_y + bpp_z,
             "bpp_y": bpp_y,
@@ -287,8 +328,9 @@ class RDEIC(Method):
                 self.schedule, z0, out.z_c, k_diff, self.relay_start
             )
             eps = self._eps_theta(params["adapter"], frozen["unet"], out.hint, context, z_t, t)
-            x0_mse = jnp.mean(relay_loss(eps, z_t, t, z0, eps_tilde, self.schedule))
-            loss = loss + lam * x0_mse
+            x0_mse_i = relay_loss(eps, z_t, t, z0, eps_tilde, self.schedule)
+            x0_mse = jnp.mean(x0_mse_i)
+            loss = loss + (lam * x0_mse if q is None else weigh(x0_mse_i))
             metrics["x0_mse"] = x0_mse
         else:
             from jaxcodec.metrics.lpips import lpips_distance
@@ -309,8 +351,13 @@ class RDEIC(Method):
             )
             x_hat = self._decode_latent(frozen, z0_hat)
             mse = jnp.mean(jnp.square(x_hat - x))  # on [-1, 1], as the official loss
-            lp = jnp.mean(lpips_distance(frozen["lpips"], (x_hat + 1.0) / 2.0, (x + 1.0) / 2.0))
-            loss = loss + lam * (mse + self.config.loss.lpips_weight * lp)
+            lp_i = lpips_distance(frozen["lpips"], (x_hat + 1.0) / 2.0, (x + 1.0) / 2.0)
+            lp = jnp.mean(lp_i)
+            if q is None:
+                loss = loss + lam * (mse + self.config.loss.lpips_weight * lp)
+            else:
+                mse_i = jnp.mean(jnp.square(x_hat - x), axis=(1, 2, 3))
+                loss = loss + weigh(mse_i + self.config.loss.lpips_weight * lp_i)
             metrics |= {"mse": mse, "lpips": lp, "psnr": psnr_from_mse(mse / 4.0)}
         metrics["loss"] = loss
         return loss, metrics, dict(new_state)
@@ -321,7 +368,10 @@ class RDEIC(Method):
         p, frozen = variables.params, variables.frozen
         enc = self._encode(frozen, images * 2.0 - 1.0)
         out = self.compressor.apply(
-            {"params": p["compressor"], **variables.state}, enc["h"], train=False
+            {"params": p["compressor"], **variables.state},
+            enc["h"],
+            train=False,
+            q=self._q(images.shape[0]),
         )
         d = self.config.decode
         z0_hat = self.relay_decode(
@@ -377,8 +427,15 @@ class RDEICCoding(BitstreamCoder):
             y, z = comp.apply(v, h, method="analyse")
             return y[0], comp.apply(v, z, method="hyper_indices")[0]
 
-        def synthesise(params, y_hat):
-            return comp.apply({"params": params["compressor"]}, y_hat, method="synthesise")
+        def synthesise(params, y_hat, q):
+            v = {"params": params["compressor"]}
+            y_hat = comp.apply(v, y_hat, q, "inverse_y", method="modulate")
+            return comp.apply(v, y_hat, method="synthesise")
+
+        def forward_y(params, y, q):
+            return comp.apply(
+                {"params": params["compressor"]}, y, q, "forward_y", method="modulate"
+            )
 
         def denoise(params, frozen, z_c, hint, key, lambda_s, steps, mode):
             return method.relay_decode(
@@ -390,20 +447,53 @@ class RDEICCoding(BitstreamCoder):
 
         self._analyse = jax.jit(analyse)
         self._synthesise = jax.jit(synthesise)
+        self._forward_y = jax.jit(forward_y)
         self._denoise = jax.jit(denoise, static_argnames=("steps", "mode"))
         self._vae_decode = jax.jit(vae_decode)
 
+    @property
+    def rate_config(self) -> RateConfig | None:
+        return self.method.rate
+
     def options(self) -> dict[str, Any]:
         d = self.method.config.decode
-        return {"steps": int(d.steps), "guidance": float(d.guidance), "seed": int(d.seed)}
+        out = {"steps": int(d.steps), "guidance": float(d.guidance), "seed": int(d.seed)}
+        rate = self.method.rate
+        if rate is not None:
+            out |= self.rate_options(rate.default_index) | {"rate": rate.default_index}
+        return out
 
-    def compress(self, variables, tables, image: np.ndarray, options: Mapping[str, Any]):
+    def rate_options(self, index: int) -> dict[str, Any]:
+        """A file at another rate gets that rate's sampler steps by default."""
+        return {"steps": self.method.steps_at(index)}
+
+    def _rate(self, tables, options) -> tuple[int | None, jax.Array | None]:
+        """(q's grid index, q [1]) of a conditioned model's file, else (None, None)."""
+        rate = self.method.rate
+        if rate is None:
+            return None, None
+        index = rate.check_index(options["rate"])
+        rate_lib.check_tables(tables["rate"], rate.levels, self.method.compressor_config.N)
+        return index, jnp.full((1,), rate.q(index), jnp.float32)
+
+    def analyse(self, variables, image: np.ndarray) -> dict[str, Any]:
+        """VAE encoder, g_a, h_a and the VQ indices: independent of q."""
         t0 = time.perf_counter()
         y, idx = self._analyse(variables.params, variables.state, variables.frozen, image)
-        y, idx = np.asarray(y), np.asarray(idx)
-        t1 = time.perf_counter()
-        streams, _, info = self.latent.encode(tables, y, idx)
-        return streams, info | {"analysis_s": t1 - t0}
+        return {"y": y, "z_indices": np.asarray(idx), "analysis_s": time.perf_counter() - t0}
+
+    def encode_analysed(self, variables, tables, analysis, options: Mapping[str, Any]):
+        index, q = self._rate(tables, options)
+        y = analysis["y"]
+        if q is not None:
+            y = self._forward_y(variables.params, y[None], q)[0]
+        streams, _, info = self.latent.encode(tables, np.asarray(y), analysis["z_indices"], index)
+        return streams, info
+
+    def compress(self, variables, tables, image: np.ndarray, options: Mapping[str, Any]):
+        analysis = self.analyse(variables, image)
+        streams, info = self.encode_analysed(variables, tables, analysis, options)
+        return streams, info | {"analysis_s": analysis["analysis_s"]}
 
     def decompress(self, variables, tables, streams, hw, options, rng):
         steps, lambda_s = int(options["steps"]), float(options["guidance"])
@@ -411,10 +501,12 @@ class RDEICCoding(BitstreamCoder):
             raise CodingError(f"steps={steps} outside [1, {self.method.relay_start}]")
         if not np.isfinite(lambda_s):
             raise CodingError(f"guidance λ_s={lambda_s} is not finite")
-        y_hat, info = self.latent.decode(tables, streams, (hw[0] // STRIDE, hw[1] // STRIDE))
+        index, q = self._rate(tables, options)
+        z_hw = (hw[0] // STRIDE, hw[1] // STRIDE)
+        y_hat, info = self.latent.decode(tables, streams, z_hw, index)
         p, frozen = variables.params, variables.frozen
         t0 = time.perf_counter()
-        z_c, hint = jax.block_until_ready(self._synthesise(p, jnp.asarray(y_hat)[None]))
+        z_c, hint = jax.block_until_ready(self._synthesise(p, jnp.asarray(y_hat)[None], q))
         t1 = time.perf_counter()
         z0 = jax.block_until_ready(
             self._denoise(

@@ -3,6 +3,9 @@
 The hyper latent z is coded either with a factorized prior (`hyper="factorized"`) or as indices
 of a vector-quantised codebook (`hyper="vq"`, RDEIC's choice: a fixed number of bits per index,
 the codebook in the mutable collection `vq_stats`).
+
+With `rate` set the model is rate-conditioned (`jaxcodec.nn.rate`): one model for every rate,
+steered by q ∈ [0, 1]; files carry q's grid index in their header.
 """
 
 import time
@@ -20,6 +23,8 @@ from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
 from jaxcodec.methods.base import BitstreamCoder, ExactBatches, Variables, to_uint8
+from jaxcodec.nn import rate as rate_lib
+from jaxcodec.nn.rate import RateConditioning, RateConfig
 from jaxcodec.nn.tiling import synthesise_tiled_batch
 from jaxcodec.nn.transforms import (
     AnalysisTransform,
@@ -54,6 +59,7 @@ class MeanScaleHyperprior(nn.Module):
     context_groups: Sequence[int] = ()
     hyper: str = "factorized"  # or "vq"
     num_codes: int = 16384  # codebook size of a VQ hyper latent
+    rate: RateConfig | None = None  # set: one model for every rate, conditioned on q
 
     def setup(self):
         if self.hyper not in HYPER_KINDS:
@@ -69,6 +75,15 @@ class MeanScaleHyperprior(nn.Module):
         self.gaussian_conditional = GaussianConditional()
         if self.context_groups:
             self.context = SpaceChannelContext(channel_groups(self.M, self.context_groups))
+        if self.rate is not None:
+            self.rate_conditioning = RateConditioning(self.rate, self.M, self.N)
+
+    def modulate(self, x: jax.Array, q: jax.Array | None, site: str) -> jax.Array:
+        """The rate conditioning at `site` (identity for a fixed-rate model). A VQ hyper latent
+        has no forward_z: its indices cost the same bits at any scale."""
+        if self.rate is None or (site == "forward_z" and self.hyper == "vq"):
+            return x
+        return self.rate_conditioning(x, q, site)
 
     def _hyper(self, z: jax.Array, train: bool, key) -> tuple[jax.Array, jax.Array, jax.Array]:
         """z → (z_hat, likelihoods, VQ commitment loss)."""
@@ -82,24 +97,37 @@ class MeanScaleHyperprior(nn.Module):
         z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
         return z_hat, z_lik, 0.0
 
-    def __call__(self, x: jax.Array, *, train: bool, key: jax.Array | None = None) -> CodecOutput:
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        key: jax.Array | None = None,
+        q: jax.Array | None = None,
+    ) -> CodecOutput:
+        """`q` [B]: each example's rate control (rate-conditioned models only)."""
         if train and key is None:
             raise ValueError("training forward pass needs a PRNG key for quantisation noise")
+        if (q is None) != (self.rate is None):
+            raise ValueError("a rate-conditioned model takes q [B]; a fixed-rate one takes none")
         kz, ky = jax.random.split(key) if train else (None, None)
         y = self.g_a(x)
         z = self.h_a(y)
+        y = self.modulate(y, q, "forward_y")
+        z = self.modulate(z, q, "forward_z")
         z_hat, z_lik, vq_loss = self._hyper(z, train, kz)
-        hyper = self.h_s(z_hat)
+        hyper = self.h_s(self.modulate(z_hat, q, "inverse_z"))
         if self.context_groups:
             y_hat, y_lik = self.context(y, hyper, train=train, key=ky)
-            return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
-        scales, means = jnp.split(hyper, 2, axis=-1)
-        if train:
-            _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
-            y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
         else:
-            y_hat, y_lik = self.gaussian_conditional(y, scales, means, mode="round")
-        return CodecOutput(self.g_s(y_hat), {"y": y_lik, "z": z_lik}, vq_loss)
+            scales, means = jnp.split(hyper, 2, axis=-1)
+            if train:
+                _, y_lik = self.gaussian_conditional(y, scales, means, mode="noise", key=ky)
+                y_hat = self.gaussian_conditional(y, scales, means, mode="ste")[0]
+            else:
+                y_hat, y_lik = self.gaussian_conditional(y, scales, means, mode="round")
+        x_hat = self.g_s(self.modulate(y_hat, q, "inverse_y"))
+        return CodecOutput(x_hat, {"y": y_lik, "z": z_lik}, vq_loss)
 
     def aux_loss(self) -> jax.Array:
         """The factorized prior's quantile loss (zero for a VQ hyper latent)."""
@@ -118,6 +146,10 @@ class MeanScaleHyperprior(nn.Module):
 
     def synthesise(self, y_hat: jax.Array) -> jax.Array:
         return self.g_s(y_hat)
+
+    def inverse_z_grid(self) -> tuple[jax.Array, jax.Array]:
+        """inverse_z's (scale, shift) at every q a file can name (its integer table)."""
+        return self.rate_conditioning.inverse_z_grid()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +250,11 @@ class HyperpriorCoding(BitstreamCoder):
     integer networks on the device (`jaxcodec.entropy.fixedpoint`), the host range-codes. The
     encoder decodes its own z (z_hat) and runs the same integer h_s as the decoder. g_s runs
     in tiles of `tile` latent pixels, so decoding memory follows the tile.
+
+    A rate-conditioned model writes q's grid index into the header (option ``rate``): the float
+    modulations run beside the transforms, the one the integer h_s sees (inverse_z) is an
+    integer table lookup (`jaxcodec.nn.rate`). `analyse` + `encode_analysed` let a search over
+    q (`jaxcodec.codec.MethodCodec.compress_to_size`) run the analysis transform once.
     """
 
     stride = STRIDE
@@ -233,6 +270,18 @@ class HyperpriorCoding(BitstreamCoder):
             lambda v, y: to_uint8(self.model.apply(v, y, method="synthesise"))
         )
         self._batches = ExactBatches()
+        self._modulate = jax.jit(
+            lambda v, x, q, site: self.model.apply(v, x, q, site, method="modulate"),
+            static_argnums=3,
+        )
+
+    @property
+    def rate_config(self) -> RateConfig | None:
+        return self.model.rate
+
+    def options(self) -> dict[str, Any]:
+        rate = self.model.rate
+        return {} if rate is None else {"rate": rate.default_index}
 
     def entropy_tables(self, variables: Variables) -> dict:
         params = jax.tree.map(np.asarray, variables.params)
@@ -248,11 +297,32 @@ class HyperpriorCoding(BitstreamCoder):
         if self.model.context_groups:
             groups = channel_groups(self.model.M, self.model.context_groups)
             out["context"] = context_lib.export(params["context"], groups)
+        if self.model.rate is not None:
+            grid = self.model.apply(variables.collections(), method="inverse_z_grid")
+            out["rate"] = rate_lib.z_inverse_tables(*grid)
         return out
 
-    def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None):
-        """h_s on z_hat and the entropy parameters of y on the device (integer programs), then
-        y range-coded on the host in coding order → (y_hat_q, symbols, table indices)."""
+    def rate_index(self, tables, options: Mapping[str, Any]) -> int | None:
+        """The file's q index (checked against the model's grid and tables), or None."""
+        rate = self.model.rate
+        if rate is None:
+            return None
+        rate_lib.check_tables(tables["rate"], rate.levels, self.model.N)
+        return rate.check_index(options["rate"])
+
+    def modulate(self, variables: Variables, x, index: int | None, site: str):
+        """A float modulation of one latent [h, w, C] at the q of grid index `index`."""
+        if index is None:
+            return x
+        q = jnp.full((1,), self.model.rate.q(index), jnp.float32)
+        return self._modulate(variables.collections(), jnp.asarray(x)[None], q, site)[0]
+
+    def _code_y(self, tables, z_hat_q, y=None, encoder=None, decoder=None, index=None):
+        """h_s on z_hat (after the integer inverse_z of a conditioned model) and the entropy
+        parameters of y on the device (integer programs), then y range-coded on the host in
+        coding order → (y_hat_q, symbols, table indices)."""
+        if index is not None:
+            z_hat_q = rate_lib.inverse_z(tables["rate"], z_hat_q, index)
         out = context_lib.code_y(
             tables["h_s"],
             tables.get("context"),
@@ -265,41 +335,45 @@ class HyperpriorCoding(BitstreamCoder):
         )
         return out.y_hat_q, out.symbols, out.indices
 
-    def compress(
-        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
-    ) -> tuple[list[bytes], dict]:
-        """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
-        return self.compress_batch(variables, tables, image[None], options)[0]
-
-    def compress_batch(
-        self, variables: Variables, tables, images: np.ndarray, options: Mapping[str, Any]
-    ) -> list[tuple[list[bytes], dict]]:
-        """images: uint8 [N, H, W, 3] → one (streams, info) per image: the float analysis of
-        all of them in one call, then each image range-coded on its own."""
+    def analyse_batch(self, variables: Variables, images: np.ndarray) -> list[dict[str, Any]]:
+        """The float analysis of images of one size (uint8 [N, H, W, 3]) in one call,
+        independent of q: per image y, z and, for a VQ hyper latent, its indices."""
         v = variables.collections()
         x = jnp.asarray(images, jnp.float32) / 255.0
+        t0 = time.perf_counter()
         y, z = self._batches("analyse", lambda x: self._analyse(v, x), x)
         z_idx = None
         if self.model.hyper == "vq":
             z_idx = np.asarray(self._batches("indices", lambda z: self._indices(v, z), z))
         y, z = np.asarray(y), np.asarray(z)
-        return [
-            self._code(tables, y[i], z[i] if z_idx is None else z_idx[i]) for i in range(len(y))
-        ]
+        seconds = (time.perf_counter() - t0) / len(y)
+        out = [{"y": y[i], "z": z[i], "analysis_s": seconds} for i in range(len(y))]
+        for i, a in enumerate(out if z_idx is not None else []):
+            a["z_indices"] = z_idx[i]
+        return out
 
-    def _code(self, tables, y: np.ndarray, z: np.ndarray) -> tuple[list[bytes], dict]:
-        """Range-codes one image's latents: z [h, w, N] (or its VQ indices [h, w]), then y."""
+    def analyse(self, variables: Variables, image: np.ndarray) -> dict[str, Any]:
+        """The float analysis of one image (uint8 [H, W, 3]): `analyse_batch` of one."""
+        return self.analyse_batch(variables, image[None])[0]
+
+    def encode_analysed(
+        self, variables: Variables, tables, analysis: dict, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """Quantisation and entropy coding of an `analyse` result at the options' q."""
+        index = self.rate_index(tables, options)
+        y = np.asarray(self.modulate(variables, analysis["y"], index, "forward_y"))
         enc_z = coder.new_encoder()
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
         if self.model.hyper == "vq":
-            z_sym = z
+            z_sym = analysis["z_indices"]
             vq_lib.encode_indices(enc_z, tables["z"], z_sym)
             z_hat_q = vq_lib.dequantize_indices(tables["z"], z_sym)
         else:
+            z = np.asarray(self.modulate(variables, analysis["z"], index, "forward_z"))
             z_hat_q = encode_factorized(enc_z, tables["z"], z)
             z_sym = (z_hat_q - tables["z"]["medians_q"]) >> fixedpoint.ACT_BITS
         enc_y = coder.new_encoder()
-        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y, encoder=enc_y)
+        _, y_sym, idx = self._code_y(tables, z_hat_q, y=y, encoder=enc_y, index=index)
         streams = [coder.finish(enc_z), coder.finish(enc_y)]
         info = {
             "y_symbols": y_sym,
@@ -310,8 +384,26 @@ class HyperpriorCoding(BitstreamCoder):
         }
         return streams, info
 
-    def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int]):
-        """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices)."""
+    def compress(
+        self, variables: Variables, tables, image: np.ndarray, options: Mapping[str, Any]
+    ) -> tuple[list[bytes], dict]:
+        """image: uint8 [H, W, 3], H and W multiples of `stride` → ([z stream, y stream], info)."""
+        return self.compress_batch(variables, tables, image[None], options)[0]
+
+    def compress_batch(
+        self, variables: Variables, tables, images: np.ndarray, options: Mapping[str, Any]
+    ) -> list[tuple[list[bytes], dict]]:
+        """images: uint8 [N, H, W, 3] → one (streams, info) per image: the float analysis of
+        all of them in one call, then each image quantised at q and range-coded on its own."""
+        out = []
+        for analysis in self.analyse_batch(variables, images):
+            streams, info = self.encode_analysed(variables, tables, analysis, options)
+            out.append((streams, info | {"analysis_s": analysis["analysis_s"]}))
+        return out
+
+    def decode_latents(self, tables, streams: list[bytes], hw: tuple[int, int], index=None):
+        """Host side of decoding: streams → (y_hat float32 [h, w, M], y symbols, table indices).
+        A conditioned model's y_hat is in the coded domain: `synthesise` takes its q index."""
         h, w = hw
         z_shape = (h // STRIDE, w // STRIDE)
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
@@ -323,20 +415,24 @@ class HyperpriorCoding(BitstreamCoder):
         else:
             n = tables["z"]["lengths"].shape[0]
             z_hat_q = decode_factorized(dec_z, tables["z"], (*z_shape, n))
-        y_hat_q, y_sym, idx = self._code_y(tables, z_hat_q, decoder=coder.new_decoder(streams[1]))
+        y_hat_q, y_sym, idx = self._code_y(
+            tables, z_hat_q, decoder=coder.new_decoder(streams[1]), index=index
+        )
         self.last_timings = {
             "entropy_s": time.perf_counter() - t0,
             "coding_s": _coding_seconds(tables) - c0,
         }
         return fixedpoint.from_fixed(y_hat_q).astype(np.float32), y_sym, idx
 
-    def synthesise(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
-        """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles."""
-        return self.synthesise_batch(variables, y_hat[None])[0]
+    def synthesise(self, variables: Variables, y_hat: np.ndarray, index=None) -> np.ndarray:
+        """y_hat [h, w, M] → uint8 image [H, W, 3], in tiles (after inverse_y at q's index)."""
+        return self.synthesise_batch(variables, y_hat[None], index)[0]
 
-    def synthesise_batch(self, variables: Variables, y_hat: np.ndarray) -> np.ndarray:
+    def synthesise_batch(self, variables: Variables, y_hat: np.ndarray, index=None) -> np.ndarray:
         """y_hat [N, h, w, M] → uint8 images [N, H, W, 3]: each tile of all N in one call."""
         v = variables.collections()
+        if index is not None:
+            y_hat = np.stack([self.modulate(variables, y, index, "inverse_y") for y in y_hat])
         return synthesise_tiled_batch(
             lambda y: self._batches("synthesise", lambda t: self._synthesise(v, t), jnp.asarray(y)),
             y_hat,
@@ -347,14 +443,16 @@ class HyperpriorCoding(BitstreamCoder):
 
     def decompress(self, variables, tables, streams, hw, options, rng=None):
         """→ (uint8 [H, W, 3], info with the decoded y symbols)."""
-        y_hat, y_sym, idx = self.decode_latents(tables, streams, hw)
+        index = self.rate_index(tables, options)
+        y_hat, y_sym, idx = self.decode_latents(tables, streams, hw, index)
         t0 = time.perf_counter()
-        image = self.synthesise(variables, y_hat)
+        image = self.synthesise(variables, y_hat, index)
         info = {"y_symbols": y_sym, "y_idx": idx, "synthesis_s": time.perf_counter() - t0}
         return image, info | self.last_timings
 
     def decompress_batch(self, variables, tables, streams_list, hw, options, rng=None):
         """Several files of the same padded size: latents on the host, then each tile of the
         synthesis for all of them in one call."""
-        y_hat = np.stack([self.decode_latents(tables, s, hw)[0] for s in streams_list])
-        return self.synthesise_batch(variables, y_hat)
+        index = self.rate_index(tables, options)
+        y_hat = np.stack([self.decode_latents(tables, s, hw, index)[0] for s in streams_list])
+        return self.synthesise_batch(variables, y_hat, index)

@@ -28,6 +28,10 @@ a sub-pixel conv). ``hyper="factorized"`` codes z with an
 Host side (:class:`LatentCoding`): VQ indices at a fixed ⌈log2 K⌉ bits, or z with the
 factorized prior's integer tables, then y coded with integer tables; h_s and the context
 networks run as integer networks on the device (bit-exact on every machine).
+
+``rate`` set: one compressor for every rate point, conditioned on q (:mod:`jaxcodec.nn.rate`:
+gain units or an affine λ modulation of y and z; the hyper latent h_s sees goes through an
+integer table per q). Without it the parameters and files are those of the fixed-rate model.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from jaxcodec.entropy import context as context_lib
 from jaxcodec.entropy import vq as vq_lib
 from jaxcodec.entropy.context import SpaceChannelContext, channel_groups
 from jaxcodec.nn import layers
+from jaxcodec.nn import rate as rate_lib
+from jaxcodec.nn.rate import RateConditioning, RateConfig
 from jaxcodec.nn.transforms import (
     ConvTranspose,
     ResidualBlock,
@@ -89,6 +95,7 @@ class LatentCompressorConfig:
     enc_channels: int = 128
     # 'factorized': hidden widths of the entropy bottleneck's density (CompressAI's default).
     bottleneck_filters: tuple[int, ...] = (3, 3, 3, 3)
+    rate: RateConfig | None = None  # set: rate-conditioned (one model for every rate)
 
     def __post_init__(self):
         object.__setattr__(self, "groups", channel_groups(self.M, self.groups))
@@ -147,6 +154,20 @@ class LatentCompressor(nn.Module):
             )
         else:
             self.entropy_bottleneck = EntropyBottleneck(c.N, tuple(c.bottleneck_filters))
+        if c.rate is not None:
+            self.rate_conditioning = RateConditioning(c.rate, c.M, c.N)
+
+    def modulate(self, x: jax.Array, q: jax.Array | None, site: str) -> jax.Array:
+        """The rate conditioning at `site` (identity for a fixed-rate model; a VQ hyper latent
+        has no forward_z: its indices cost the same bits at any scale)."""
+        c = self.config
+        if c.rate is None or (site == "forward_z" and c.hyper == "vq"):
+            return x
+        return self.rate_conditioning(x, q, site)
+
+    def inverse_z_grid(self) -> tuple[jax.Array, jax.Array]:
+        """inverse_z's (scale, shift) at every q a file can name (its integer table)."""
+        return self.rate_conditioning.inverse_z_grid()
 
     def _setup_elic(self):
         """ELIC's transforms as the official Sequentials (``layers_i`` ↔ index i)."""
@@ -249,25 +270,36 @@ class LatentCompressor(nn.Module):
         return self.entropy_bottleneck.aux_loss()
 
     def __call__(
-        self, h: jax.Array, *, train: bool, key: jax.Array | None = None
+        self,
+        h: jax.Array,
+        *,
+        train: bool,
+        key: jax.Array | None = None,
+        q: jax.Array | None = None,
     ) -> CompressorOutput:
+        """`q` [B]: each example's rate control (rate-conditioned compressors only)."""
         if train and key is None:
             raise ValueError("a training forward pass needs a PRNG key (quantisation noise)")
+        if (q is None) != (self.config.rate is None):
+            raise ValueError("a rate-conditioned compressor takes q [B]; a fixed-rate one none")
         y, z = self.analyse(h)
+        y = self.modulate(y, q, "forward_y")
         if self.config.hyper == "vq":
             vq = self.vq(z, train=train)
-            hyper = self.hyper_synthesis(vq.z_q)
+            hyper = self.hyper_synthesis(self.modulate(vq.z_q, q, "inverse_z"))
             y_hat, y_lik = self.context(y, hyper, train=train, key=key)
-            z_c, hint = self.synthesise(y_hat)
+            z_c, hint = self.synthesise(self.modulate(y_hat, q, "inverse_y"))
             return CompressorOutput(z_c, hint, y_lik, vq.loss, vq.indices, vq.perplexity)
         k_z, k_y = jax.random.split(key) if train else (None, None)
+        z = self.modulate(z, q, "forward_z")
         if train:  # rate on noisy z, synthesis on straight-through rounded z (CompressAI)
             _, z_lik = self.entropy_bottleneck(z, mode="noise", key=k_z)
             z_hat = self.entropy_bottleneck(z, mode="ste")[0]
         else:
             z_hat, z_lik = self.entropy_bottleneck(z, mode="round")
-        y_hat, y_lik = self.context(y, self.hyper_synthesis(z_hat), train=train, key=k_y)
-        z_c, hint = self.synthesise(y_hat)
+        hyper = self.hyper_synthesis(self.modulate(z_hat, q, "inverse_z"))
+        y_hat, y_lik = self.context(y, hyper, train=train, key=k_y)
+        z_c, hint = self.synthesise(self.modulate(y_hat, q, "inverse_y"))
         zero = jnp.zeros((), jnp.float32)
         return CompressorOutput(z_c, hint, y_lik, zero, None, None, z_lik)
 
@@ -320,12 +352,16 @@ def entropy_tables(
         z = vq_lib.vq_tables(jax.tree.map(np.asarray, vq_stats["vq"]))
     else:
         z = factorized_entropy_tables(params["entropy_bottleneck"])
-    return {
+    out = {
         "z": z,
         "y": gaussian_entropy_tables(),
         "h_s": h_s,
         "context": context_lib.export(params["context"], config.groups, config.context),
     }
+    if config.rate is not None:
+        grid = LatentCompressor(config).apply({"params": params}, method="inverse_z_grid")
+        out["rate"] = rate_lib.z_inverse_tables(*grid)
+    return out
 
 
 def _coding_seconds(tables) -> float:
@@ -348,10 +384,14 @@ class LatentCoding:
     num_streams = 2
 
     @staticmethod
-    def _code_y(tables, z_q, y=None, encoder=None, decoder=None):
-        """h_s on the decoded hyper latent (fixed-point grid) and the context model on the
-        device, range coding on the host → (ŷ_q, symbols, table indices)."""
+    def _code_y(tables, z_q, y=None, encoder=None, decoder=None, index=None):
+        """h_s on the decoded hyper latent (fixed-point grid; a conditioned model's through
+        its integer inverse_z at q's grid index) and the context model on the device, range
+        coding on the host → (ŷ_q, symbols, table indices)."""
         m = int(sum(int(g) for g in tables["context"]["groups"]))
+        if index is not None:
+            rate_lib.check_tables(tables["rate"], tables["rate"]["z_scale"].shape[0], z_q.shape[-1])
+            z_q = rate_lib.inverse_z(tables["rate"], z_q, index)
         out = context_lib.code_y(
             tables["h_s"],
             tables["context"],
@@ -364,9 +404,12 @@ class LatentCoding:
         )
         return out.y_hat_q, out.symbols, out.indices
 
-    def encode(self, tables, y: np.ndarray, z: np.ndarray) -> tuple[list[bytes], np.ndarray, dict]:
+    def encode(
+        self, tables, y: np.ndarray, z: np.ndarray, index: int | None = None
+    ) -> tuple[list[bytes], np.ndarray, dict]:
         """y [h, w, M] (float) and the hyper latent — VQ indices [h/4, w/4], or z itself
-        [h/4, w/4, N] (float) with a factorized prior → (streams, ŷ float32, info)."""
+        [h/4, w/4, N] (float) with a factorized prior → (streams, ŷ float32, info). A
+        conditioned model's y and z come modulated at q (grid index `index`)."""
         from jaxcodec.nn.hyperprior import encode_factorized
 
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
@@ -379,7 +422,7 @@ class LatentCoding:
             z_q = vq_lib.dequantize_indices(tables["z"], z)
             z_info = {"z_indices": np.asarray(z)}
         enc_y = coder.new_encoder()
-        y_hat_q, y_sym, idx = self._code_y(tables, z_q, y=y, encoder=enc_y)
+        y_hat_q, y_sym, idx = self._code_y(tables, z_q, y=y, encoder=enc_y, index=index)
         info = {
             "y_symbols": y_sym,
             "y_idx": idx,
@@ -390,8 +433,9 @@ class LatentCoding:
         streams = [coder.finish(enc_z), coder.finish(enc_y)]
         return streams, fixedpoint.from_fixed(y_hat_q).astype(np.float32), info
 
-    def decode(self, tables, streams: list[bytes], z_hw: tuple[int, int]):
-        """Streams → (ŷ float32 [4·zh, 4·zw, M], info)."""
+    def decode(self, tables, streams: list[bytes], z_hw: tuple[int, int], index=None):
+        """Streams → (ŷ float32 [4·zh, 4·zw, M], info); a conditioned model's ŷ before its
+        float inverse_y."""
         from jaxcodec.nn.hyperprior import decode_factorized
 
         t0, c0 = time.perf_counter(), _coding_seconds(tables)
@@ -404,7 +448,9 @@ class LatentCoding:
             indices = vq_lib.decode_indices(dec_z, tables["z"], z_hw)
             z_q = vq_lib.dequantize_indices(tables["z"], indices)
             z_info = {"z_indices": indices}
-        y_hat_q, y_sym, idx = self._code_y(tables, z_q, decoder=coder.new_decoder(streams[1]))
+        y_hat_q, y_sym, idx = self._code_y(
+            tables, z_q, decoder=coder.new_decoder(streams[1]), index=index
+        )
         info = {
             "y_symbols": y_sym,
             "y_idx": idx,
