@@ -137,14 +137,24 @@ def build_bundle(
 # ---------------------------------------------------------------------------------------------
 
 
+def _without_paths(config: Any) -> Any:
+    """The model config less its `*_path` fields: where a frozen part lives is machine-local
+    (`--set model.sd_path=...` on the decoding machine); what it holds is in the digests."""
+    if isinstance(config, dict):
+        return {
+            k: _without_paths(v) for k, v in config.items() if not str(k).endswith("_path")
+        }
+    return config
+
+
 def model_hash(
     method_name: str, model_config: Any, params, state, tables, frozen_identity: dict
 ) -> bytes:
-    """SHA-256 over the method, its model config, the trained variables, the entropy tables and
-    the frozen parts' digests: the identity a file is tied to."""
+    """SHA-256 over the method, its model config (paths left out), the trained variables, the
+    entropy tables and the frozen parts' digests: the identity a file is tied to."""
     h = hashlib.sha256()
     h.update(method_name.encode())
-    h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_without_paths(model_config), sort_keys=True, default=str).encode())
     for tree in (params, state, tables):
         h.update(tree_digest(tree).encode())
     digests = {k: v["sha256"] for k, v in frozen_identity.items()}

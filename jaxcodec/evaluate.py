@@ -350,10 +350,10 @@ def _load_checkpoint_codec(path: str, options: Sequence[str] = ()) -> ImageCodec
 
 def _rate_points(codec, qualities, targets) -> list[ImageCodec]:
     """A rate-conditioned checkpoint's curve: one codec per --quality and per --target-bpp."""
-    from jaxcodec.codec import rate_controlled
-
     if not qualities and not targets:
         return [codec]
+    from jaxcodec.codec import rate_controlled
+
     return [rate_controlled(codec, quality=q) for q in qualities or ()] + [
         rate_controlled(codec, target_bpp=t) for t in targets or ()
     ]

@@ -120,6 +120,25 @@ def test_stage_two_alone_and_wrong_handover_are_clear(trained, tmp_path):
         train_and_evaluate(config, tmp_path / "other")
 
 
+def test_the_two_stage_workdir_compresses_with_its_last_finished_stage(trained, tmp_path, capsys):
+    """The README's compress/decompress example on the main command's workdir."""
+    from PIL import Image
+    from skimage import data
+
+    from jaxcodec import cli
+    from jaxcodec.checkpoint import CODEC_FILE
+
+    Image.fromarray(data.astronaut()[:64, :96]).save(tmp_path / "a.png")
+    jxc, png = tmp_path / "a.jxc", tmp_path / "a_decoded.png"
+    assert (
+        cli.main(["compress", str(tmp_path / "a.png"), str(jxc), "--checkpoint", str(trained)]) == 0
+    )
+    assert cli.main(["decompress", str(jxc), str(png), "--checkpoint", str(trained)]) == 0
+    assert f"using stage2 ({trained / 'stage2' / CODEC_FILE})" in capsys.readouterr().out
+    expected = load_codec(trained / "stage2").decompress(jxc.read_bytes())
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), expected)
+
+
 def test_eta_sweep_writes_its_table_and_plot(trained, tmp_path):
     sys.path.insert(0, str(PROJECT_ROOT / "launch"))
     import sweep

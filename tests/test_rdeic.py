@@ -4,6 +4,7 @@ checkpoint format round-trips (export → import → identical outputs); and the
 shapes and parameter counts against the official modules."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,17 +106,21 @@ def test_files_round_trip_in_a_fresh_process(runs, tmp_path):
     np.testing.assert_array_equal(codec.decompress(data), decoded)
 
     (tmp_path / "a.jxc").write_bytes(data)
+    # The decoding machine has its own copy of the SD folder: `--set model.sd_path=COPY`.
+    sd_copy = shutil.copytree(codec.method.config.model.sd_path, tmp_path / "sd_copy")
     script = (
         "import sys, numpy as np\n"
         "from jaxcodec.codec import load_codec\n"
-        "c = load_codec(sys.argv[1]); im = c.decompress(open(sys.argv[2], 'rb').read())\n"
+        "c = load_codec(sys.argv[1], overrides=[f'model.sd_path={sys.argv[4]}'])\n"
+        "assert c.method.config.model.sd_path == sys.argv[4]\n"
+        "im = c.decompress(open(sys.argv[2], 'rb').read())\n"
         "np.savez(sys.argv[3], image=im, symbols=c.last_info['y_symbols'])\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     subprocess.run(
         [sys.executable, "-c", script, str(runs["root"] / "stage2"), str(tmp_path / "a.jxc"),
-         str(tmp_path / "out.npz")],
+         str(tmp_path / "out.npz"), str(sd_copy)],
         check=True,
         env=env,
         cwd=ROOT,
