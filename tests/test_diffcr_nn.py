@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from parity_files import close
 
 from jaxcodec import diffusion as dd
 from jaxcodec.nn import fase as fase_lib
@@ -23,7 +24,6 @@ from jaxcodec.weights import diffcr as importer
 from jaxcodec.weights import diffusers as dw
 
 PARITY = Path(__file__).parent / "data" / "parity"
-RTOL = 1e-5  # max |jax − official| / max |official|
 
 # The official modules of tests/data/parity/diffcr_make_reference.py, in jaxcodec's configs.
 COMPRESSOR = lc.LatentCompressorConfig(
@@ -42,14 +42,6 @@ def _reference(name: str) -> tuple[dict, dict, dict]:
         k: np.asarray(v) for k, v in dw.read_safetensors(folder / "reference.safetensors").items()
     }
     return weights, ref, meta
-
-
-def _close(got, want, name: str) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    rel = float(np.abs(got - want).max() / np.abs(want).max())
-    assert rel <= RTOL, f"{name}: max relative error {rel:.2e}"
-    return rel
 
 
 def test_compressor_matches_the_official_compressor_v3():
@@ -78,7 +70,7 @@ def test_compressor_matches_the_official_compressor_v3():
 
     got = run(v, quant, h)
     np.testing.assert_array_equal(np.asarray(got.pop("indices")), ref["indices"])
-    errors = {name: _close(value, ref[name], name) for name, value in got.items()}
+    errors = {name: close(value, ref[name], name) for name, value in got.items()}
     print("compressor parity (max relative error):", {k: f"{e:.1e}" for k, e in errors.items()})
 
 
@@ -94,7 +86,7 @@ def test_fase_matches_the_official_time_aware_refinement():
     v = {"params": params["fase"]}
     fda = jax.jit(lambda v: model.apply(v, c_hat, z0, t, method=lambda m, *a: m.fda(*a)))(v)
     out = jax.jit(lambda v: model.apply(v, z0, c_hat, t))(v)
-    e_fda, e_out = _close(fda, ref["fda"], "fda"), _close(out, ref["out"], "out")
+    e_fda, e_out = close(fda, ref["fda"], "fda"), close(out, ref["out"], "out")
     print(f"FaSE parity: FDA {e_fda:.1e}, output {e_out:.1e}")
 
 
@@ -104,7 +96,7 @@ def test_proj_layer_matches_the_official_proj_layer():
     out = fase_lib.ProjLayer(PROJ_DIMS[1], PROJ_DIMS[2]).apply(
         {"params": params["proj"]}, jnp.asarray(ref["x"], jnp.float32)
     )
-    print(f"ProjLayer parity: {_close(out, ref['out'], 'out'):.1e}")
+    print(f"ProjLayer parity: {close(out, ref['out'], 'out'):.1e}")
 
 
 def _official_keys(name: str) -> dict[str, tuple]:

@@ -88,13 +88,13 @@ def test_large_image_in_patches_without_seams_identical_in_fresh_processes(train
     from skimage import data
 
     codec = load_codec(trained / "stage2", options={"patch": 128})
-    image = np.tile(data.astronaut(), (1, 2, 1))[:512, :768]
+    image = np.tile(data.astronaut(), (1, 2, 1))[:320, :448]
     jxc = tmp_path / "big.jxc"
     jxc.write_bytes(codec.compress(image))
     decoded = codec.decompress(jxc.read_bytes())
-    assert decoded.shape == (512, 768, 3)
+    assert decoded.shape == (320, 448, 3)
     assert set(codec.timings) >= {"entropy_s", "synthesis_s", "denoise_s"}
-    ratio = _seam_ratio(decoded.astype(np.float64), PatchGrid(512, 768, patch=128, overlap=32))
+    ratio = _seam_ratio(decoded.astype(np.float64), PatchGrid(320, 448, patch=128, overlap=32))
     assert abs(ratio - 1.0) <= 0.1, ratio
     # Same device configuration as this process: XLA:CPU rounds large reductions (group norm)
     # differently with 8 host devices than with 1-4, so a float decoder is bit-exact across
@@ -152,15 +152,13 @@ def test_eta_sweep_writes_its_table_and_plot(trained, tmp_path):
     overrides = [t for t in TINY if not t.startswith("stage2.total_steps")]
     sweep.main(
         ["--config", "configs/hfd.py:tiny", "--workdir", str(tmp_path), "--data", str(images),
-         "--field", "decoder.schedule.eta", "--values", "0.5", "2", "--steps", "1", "2",
+         "--field", "decoder.schedule.eta", "--values", "0.5", "2", "--steps", "2",
          *sum((["--set", o] for o in [*overrides, "stage2.total_steps=2"]), [])]
     )  # fmt: skip
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [(r["value"], r["steps"]) for r in rows] == [
         ("previous stage", None),
-        ("0.5", 1),
         ("0.5", 2),
-        ("2", 1),
         ("2", 2),
     ]
     assert all(0 < r["lpips"] < 2 and 0 <= r["dists"] < 1 and r["bpp"] > 0 for r in rows)
