@@ -31,7 +31,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxcodec.configlib import base_config, parse_arg
+from jaxcodec.configlib import base_config, parse_arg, sd_method_variant
 from jaxcodec.data import default_data_config
 from jaxcodec.data.captions import SKIMAGE_CAPTIONS
 
@@ -202,22 +202,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.encode.captions = str(SKIMAGE_CAPTIONS)
         c.decode.steps = 2
         c.decode.guidance = 1.0
-        c.data = default_data_config(source="skimage", crop_size=128)
+    sd_method_variant(c, variant, lr=3e-3, crop=128)
+    if variant == "tiny":
         c.data.captions = str(SKIMAGE_CAPTIONS)
-        c.eval_data.max_images = 2
-        c.batch_size = 4
-        c.optimizer.lr = 3e-3
-        c.total_steps = 200
-        c.log_every = 20
-        c.eval_every = 200
-        c.checkpoint_every = 100
-        c.ema_decay = 0.9
-    elif variant == "full":
-        c.model.unet_dtype = "bfloat16"
-        c.model.remat = True
-        c.data.num_workers = 8
-        c.eval_data = default_data_config(source="folder")
-        c.eval_data.path = "../shared/data/kodak"
-        c.eval_data.max_images = 24
-        c.mesh.shape = (1, -1, 1)
     return c

@@ -141,9 +141,7 @@ def _without_paths(config: Any) -> Any:
     """The model config less its `*_path` fields: where a frozen part lives is machine-local
     (`--set model.sd_path=...` on the decoding machine); what it holds is in the digests."""
     if isinstance(config, dict):
-        return {
-            k: _without_paths(v) for k, v in config.items() if not str(k).endswith("_path")
-        }
+        return {k: _without_paths(v) for k, v in config.items() if not str(k).endswith("_path")}
     return config
 
 

