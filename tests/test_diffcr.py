@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-
-from jaxcodec.configlib import load_config
+from run_configs import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,23 +22,6 @@ def photo(h: int, w: int) -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut()[100 : 100 + h, 150 : 150 + w])
-
-
-def _config(spec: str, **fields):
-    c = load_config(spec)
-    c.mesh.num_devices = 1
-    c.batch_size = 4
-    c.eval_every = 0
-    c.real_file_eval = False
-    c.checkpoint_every = 1000
-    c.log_every = 1
-    for key, value in fields.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +34,10 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
         root = tmp_path_factory.mktemp("diffcr")
-        s1 = train_and_evaluate(_config("configs/diffcr.py:tiny", total_steps=30), root / "stage1")
-        c2 = _config(
+        s1 = train_and_evaluate(
+            run_config("configs/diffcr.py:tiny", total_steps=30), root / "stage1"
+        )
+        c2 = run_config(
             "configs/diffcr.py:tiny,stage=2", total_steps=24, init_from=str(root / "stage1")
         )
         s2 = train_and_evaluate(c2, root / "stage2")

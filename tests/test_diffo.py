@@ -14,30 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_configs import run_config
 from skimage import data as skdata
 
 from jaxcodec.codec import load_codec
-from jaxcodec.configlib import PROJECT_ROOT, load_config
+from jaxcodec.configlib import PROJECT_ROOT
 from jaxcodec.entropy import container
 from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.methods import get_method
 from jaxcodec.train import train_and_evaluate
-
-
-def _tiny(stage: int, **overrides):
-    c = load_config(f"configs/diffo.py:tiny,stage={stage}")
-    c.log_every = 1
-    c.eval_every = 0
-    c.real_file_eval = False
-    c.checkpoint_every = 1000
-    c.mesh.num_devices = 1
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def _falls(history: list[dict], key: str = "loss", n: int = 5) -> tuple[float, float]:
@@ -54,7 +39,7 @@ def test_one_step_decode_is_exact_with_an_oracle_denoiser():
     """The decoder's start z_T = z_base + s·κ·sqrt(η_T)·ε (what the denoiser is given) inverts to
     the file's ε, and when the denoiser returns the true z_0 the decoded latent is z_0 exactly —
     through padding to the Swin-UNet's multiple and back."""
-    method = get_method(_tiny(2))
+    method = get_method(run_config("configs/diffo.py:tiny,stage=2"))
     sched = method.schedule
     rng = np.random.default_rng(0)
     stages, codes, dim = method.num_rates, 8, method.vqgan_config.embed_dim
@@ -104,8 +89,15 @@ def test_one_step_decode_is_exact_with_an_oracle_denoiser():
 def trained(tmp_path_factory):
     """Stage 1 (the VQGAN from scratch), then stage 2 started from it, evaluated at the end."""
     root = tmp_path_factory.mktemp("diffo")
-    s1 = train_and_evaluate(_tiny(1, total_steps=10), root / "stage1")
-    stage2 = _tiny(2, total_steps=30, init_from=str(root / "stage1"), eval_every=30)
+    s1 = train_and_evaluate(
+        run_config("configs/diffo.py:tiny,stage=1", total_steps=10), root / "stage1"
+    )
+    stage2 = run_config(
+        "configs/diffo.py:tiny,stage=2",
+        total_steps=30,
+        init_from=str(root / "stage1"),
+        eval_every=30,
+    )
     stage2.eval_data.max_images = 1
     s2 = train_and_evaluate(stage2, root / "stage2")
     return root, s1, s2

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from frozen_vq_method import get_config, write_vae_folder
+from run_configs import set_fields
 
 from jaxcodec.checkpoint import Checkpointer, CheckpointError, load_bundle, tree_digest
 from jaxcodec.codec import load_codec
@@ -31,12 +32,7 @@ def vae_folder(tmp_path_factory) -> Path:
 
 def config(vae: Path, *overrides: tuple[str, object]):
     c = get_config(str(vae))
-    for key, value in overrides:
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    set_fields(c, dict(overrides))
     return c
 
 

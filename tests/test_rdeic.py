@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.tree_util import Partial
+from run_configs import run_config
 
 from jaxcodec.configlib import load_config
 from jaxcodec.methods import get_method
@@ -33,22 +34,6 @@ def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(tree)))
 
 
-def _config(spec: str, **fields):
-    c = load_config(spec)
-    c.mesh.num_devices = 1  # batch 8 on one device; the 8 fake devices stay for other tests
-    c.batch_size = 8
-    c.eval_every = 0
-    c.real_file_eval = False
-    c.checkpoint_every = 1000
-    for key, value in fields.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Stage 1, then stage 2 from it, through `train_and_evaluate` (the tiny SD folder is
@@ -58,12 +43,12 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
         root = tmp_path_factory.mktemp("rdeic")
-        c1 = _config("configs/rdeic.py:tiny", total_steps=120, log_every=1)
+        c1 = run_config("configs/rdeic.py:tiny", total_steps=120, batch_size=8)
         s1 = train_and_evaluate(c1, root / "stage1")
-        c2 = _config(
+        c2 = run_config(
             "configs/rdeic.py:tiny,stage=2",
             total_steps=40,
-            log_every=1,
+            batch_size=8,
             init_from=str(root / "stage1"),
         )
         s2 = train_and_evaluate(c2, root / "stage2")

@@ -13,8 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from jaxcodec.configlib import load_config
+from run_configs import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "A close-up of an orange tabby cat with green eyes."
@@ -26,23 +25,6 @@ def photo(h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(data.chelsea()[50 : 50 + h, 100 : 100 + w])
 
 
-def _config(spec: str, **fields):
-    c = load_config(spec)
-    c.mesh.num_devices = 1
-    c.batch_size = 4
-    c.eval_every = 0
-    c.real_file_eval = False
-    c.checkpoint_every = 1000
-    c.log_every = 1
-    for key, value in fields.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Stage 1, then stage 2 from it, on the scikit-image photos and their captions."""
@@ -51,8 +33,10 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXCODEC_CACHE", str(tmp_path_factory.mktemp("cache")))
         root = tmp_path_factory.mktemp("resulic")
-        s1 = train_and_evaluate(_config("configs/resulic.py:tiny", total_steps=24), root / "s1")
-        c2 = _config("configs/resulic.py:tiny,stage=2", total_steps=24, init_from=str(root / "s1"))
+        s1 = train_and_evaluate(run_config("configs/resulic.py:tiny", total_steps=24), root / "s1")
+        c2 = run_config(
+            "configs/resulic.py:tiny,stage=2", total_steps=24, init_from=str(root / "s1")
+        )
         s2 = train_and_evaluate(c2, root / "s2")
         yield {"root": root, "stage1": s1, "stage2": s2}
 
@@ -81,7 +65,7 @@ def test_both_stages_train_with_captions_and_losses_fall(runs):
     # The training batches carried the photos' captions.
     from jaxcodec.data import make_train_iterator
 
-    data = _config("configs/resulic.py:tiny").data
+    data = run_config("configs/resulic.py:tiny").data
     batch = next(make_train_iterator(data, global_batch_size=4, seed=0))
     assert batch["caption_ids"].shape == (4, 77) and (batch["caption_ids"][:, 2] > 0).all()
 

@@ -264,27 +264,43 @@ def plan(
     return out
 
 
-def split_state(state: Mapping[str, Any]) -> tuple[dict, dict, list[str], list[str]]:
-    """(compression keys, noise-estimator keys, ignored keys, unknown keys) of a full RDEIC
-    LightningModule state dict or of one module's own state dict."""
-    comp, ne, ignored, unknown = {}, {}, [], []
-    full = any(k.startswith(COMPRESSION_PREFIX) for k in state) or any(
-        k.startswith(NOISE_ESTIMATOR_PREFIX + NOISE_ESTIMATOR_PREFIX) for k in state
+def split_modules(
+    state: Mapping[str, Any],
+    prefixes: tuple[str, str],
+    children: tuple[tuple[str, ...], tuple[str, ...]],
+) -> tuple[dict, dict, list[str], list[str]]:
+    """(first module's keys, second module's keys, ignored keys, unknown keys) of a full
+    LightningModule state dict (the modules under `prefixes`; RDEIC's and ResULIC's) or of one
+    module's own state dict (keys starting with one of its `children`). SD parts, loss networks
+    and schedule buffers are ignored."""
+    first, second, ignored, unknown = {}, {}, [], []
+    full = any(k.startswith(prefixes[0]) for k in state) or any(
+        k.startswith(prefixes[1] + prefixes[1]) for k in state
     )
     for key, value in state.items():
-        if full and key.startswith(COMPRESSION_PREFIX):
-            comp[key.removeprefix(COMPRESSION_PREFIX)] = value
-        elif full and key.startswith(NOISE_ESTIMATOR_PREFIX):
-            ne[key.removeprefix(NOISE_ESTIMATOR_PREFIX)] = value
-        elif not full and key.startswith(_COMPRESSOR_CHILDREN):
-            comp[key] = value
-        elif not full and key.startswith(_NOISE_ESTIMATOR_CHILDREN):
-            ne[key] = value
+        if full and key.startswith(prefixes[0]):
+            first[key.removeprefix(prefixes[0])] = value
+        elif full and key.startswith(prefixes[1]):
+            second[key.removeprefix(prefixes[1])] = value
+        elif not full and key.startswith(children[0]):
+            first[key] = value
+        elif not full and key.startswith(children[1]):
+            second[key] = value
         elif key.startswith(IGNORED_PREFIXES) or key in SCHEDULE_BUFFERS:
             ignored.append(key)
         else:
             unknown.append(key)
-    return comp, ne, sorted(ignored), sorted(unknown)
+    return first, second, sorted(ignored), sorted(unknown)
+
+
+def split_state(state: Mapping[str, Any]) -> tuple[dict, dict, list[str], list[str]]:
+    """(compression keys, noise-estimator keys, ignored keys, unknown keys) of a full RDEIC
+    LightningModule state dict or of one module's own state dict."""
+    return split_modules(
+        state,
+        (COMPRESSION_PREFIX, NOISE_ESTIMATOR_PREFIX),
+        (_COMPRESSOR_CHILDREN, _NOISE_ESTIMATOR_CHILDREN),
+    )
 
 
 def check(

@@ -187,24 +187,7 @@ def plan(
 def split_state(state: Mapping[str, Any]) -> tuple[dict, dict, list[str], list[str]]:
     """(ELIC keys, CDDM keys, ignored keys, unknown keys) of a full ResULIC LightningModule
     state dict or of one module's own state dict."""
-    elic, cddm, ignored, unknown = {}, {}, [], []
-    full = any(k.startswith(ELIC_PREFIX) for k in state) or any(
-        k.startswith(CDDM_PREFIX + CDDM_PREFIX) for k in state
-    )
-    for key, value in state.items():
-        if full and key.startswith(ELIC_PREFIX):
-            elic[key.removeprefix(ELIC_PREFIX)] = value
-        elif full and key.startswith(CDDM_PREFIX):
-            cddm[key.removeprefix(CDDM_PREFIX)] = value
-        elif not full and key.startswith(_ELIC_CHILDREN):
-            elic[key] = value
-        elif not full and key.startswith(_CDDM_CHILDREN):
-            cddm[key] = value
-        elif key.startswith(rdeic.IGNORED_PREFIXES) or key in rdeic.SCHEDULE_BUFFERS:
-            ignored.append(key)
-        else:
-            unknown.append(key)
-    return elic, cddm, sorted(ignored), sorted(unknown)
+    return rdeic.split_modules(state, (ELIC_PREFIX, CDDM_PREFIX), (_ELIC_CHILDREN, _CDDM_CHILDREN))
 
 
 def check(
