@@ -22,6 +22,27 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# The files that cost most (seconds on 2 cores, cold caches, from `--durations`), run first: with
+# one file per worker (`--dist loadfile --no-loadscope-reorder`) the heavy ones then overlap
+# instead of one of them finishing alone at the end. The rest follow in name order.
+HEAVY_FIRST = (
+    "test_train.py",  # 270: eight devices, CLI resume, SIGKILL resume
+    "test_sharding.py",  # 230: FSDP 8 vs 1 device, remat
+    "test_resulic.py",  # 220: both stages with captions, prompt search
+    "test_diffo.py",  # 215: both stages, two rate points
+    "test_hfd.py",  # 200: both stages, η sweep, seams
+    "test_ldm.py",  # 160: the backbone, RDEIC on it
+    "test_rdeic.py",  # 160: both stages, fresh-process files
+    "test_diffcr.py",  # 125: both stages, fresh-process files
+    "test_multiprocess.py",  # 90: two processes against one
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 SKIPS_ALLOWED = Path(__file__).with_name("skips_allowed.txt")
 _skipped: list[tuple[str, str]] = []
 

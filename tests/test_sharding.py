@@ -115,9 +115,7 @@ def _run_steps(config, steps: int = 2):
     state_sh, frozen_sh = train.shardings(config, mesh, shapes, frozen_host)
     frozen = train.place(frozen_host, frozen_sh)
     with shd.scope(mesh, rules):
-        state = jax.jit(
-            lambda k: nn.unbox(shapes.init_state(k, None, None)), out_shardings=state_sh
-        )(shapes.init_key)
+        state = train.jit_init(shapes.init_state, state_sh, shapes.init_key, None, None)
     rng = np.random.default_rng(0)
     losses, step = [], None
     for _ in range(steps):
@@ -201,9 +199,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
         train.check_batch(config, mesh)
         state_sh, frozen_sh = train.shardings(config, mesh, shapes)
         with shd.scope(mesh, shd.rules_of(config)):
-            state = jax.jit(
-                lambda k, s=shapes: nn.unbox(s.init_state(k, None, None)), out_shardings=state_sh
-            )(shapes.init_key)
+            state = train.jit_init(shapes.init_state, state_sh, shapes.init_key, None, None)
         fn = train.make_train_step(config, shapes, mesh, state_sh, frozen_sh)
         batch = shd.global_batch({"image": image}, mesh)
         step, _ = train.compile_train_step(config, fn, mesh, shd.rules_of(config), state, {}, batch)
@@ -224,10 +220,12 @@ def test_gradient_accumulation_equals_the_whole_batch():
 
 
 def test_remat_policies_keep_values_and_bf16_keeps_fp32_master_weights():
-    kw = dict(
+    kw = dict(  # one level: resnets and attention down, mid and up, at half the compile time
         TINY_UNET,
-        block_out_channels=(16, 32),
-        attention_head_dim=(2, 2),
+        block_out_channels=(16,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+        attention_head_dim=(2,),
         cross_attention_dim=8,
         norm_num_groups=4,
     )
