@@ -22,7 +22,7 @@ from jaxcodec.configlib import PROJECT_ROOT
 from jaxcodec.entropy import container
 from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.methods import get_method
-from jaxcodec.train import train_and_evaluate
+from jaxcodec.train import jit_init, train_and_evaluate
 
 
 def _falls(history: list[dict], key: str = "loss", n: int = 5) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def test_one_step_decode_is_exact_with_an_oracle_denoiser():
     eps = rng.normal(size=(1, h, w, dim)).astype(np.float32)
     z0 = jnp.asarray(rng.normal(size=(1, h, w, dim)), jnp.float32)
     window = jnp.concatenate([jnp.asarray(idx, jnp.float32), jnp.asarray(eps)], axis=-1)
-    params = jax.jit(method.init)(jax.random.key(0), method.dummy_batch(1))["params"]
+    params = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))["params"]
     s, depth = 0.6, 1
     seen = {}
 

@@ -115,7 +115,9 @@ def _run_steps(config, steps: int = 2):
     state_sh, frozen_sh = train.shardings(config, mesh, shapes, frozen_host)
     frozen = train.place(frozen_host, frozen_sh)
     with shd.scope(mesh, rules):
-        state = train.jit_init(shapes.init_state, state_sh, shapes.init_key, None, None)
+        state = train.jit_init(
+            shapes.init_state, shapes.init_key, None, None, out_shardings=state_sh
+        )
     rng = np.random.default_rng(0)
     losses, step = [], None
     for _ in range(steps):
@@ -199,7 +201,9 @@ def test_gradient_accumulation_equals_the_whole_batch():
         train.check_batch(config, mesh)
         state_sh, frozen_sh = train.shardings(config, mesh, shapes)
         with shd.scope(mesh, shd.rules_of(config)):
-            state = train.jit_init(shapes.init_state, state_sh, shapes.init_key, None, None)
+            state = train.jit_init(
+                shapes.init_state, shapes.init_key, None, None, out_shardings=state_sh
+            )
         fn = train.make_train_step(config, shapes, mesh, state_sh, frozen_sh)
         batch = shd.global_batch({"image": image}, mesh)
         step, _ = train.compile_train_step(config, fn, mesh, shd.rules_of(config), state, {}, batch)

@@ -15,7 +15,7 @@ import pytest
 
 from jaxcodec.checkpoint import Checkpointer
 from jaxcodec.configlib import PROJECT_ROOT, load_config
-from jaxcodec.train import NonFiniteError, train_and_evaluate
+from jaxcodec.train import NonFiniteError, jit_init, train_and_evaluate
 
 SMALL = [
     "stages=()",  # stage 1 alone, in the workdir itself
@@ -29,6 +29,10 @@ SMALL = [
     "eval_every=0",
     "checkpoint_every=2",
     "optimizer.lr=1e-3",
+    # A constant rate keeps total_steps out of the compiled step: runs of different lengths in
+    # this file share one program (the persistent compilation cache), and a run of 3 steps is
+    # the first 3 steps of a run of 4.
+    "optimizer.schedule=constant",
     "real_file_eval=False",
 ]
 
@@ -50,11 +54,8 @@ def _params_at(workdir: Path, step: int):
 def test_eight_devices_match_one_device(tmp_path):
     """Same global batch on a 1-device and an 8-device mesh: the same losses, step by step."""
 
-    def cfg(*overrides):  # a constant rate: runs of 3 and 4 steps share their first steps
-        return small_config("optimizer.schedule=constant", *overrides)
-
-    one = train_and_evaluate(cfg("total_steps=4", "mesh.num_devices=1"), tmp_path / "one")
-    eight = train_and_evaluate(cfg("total_steps=3", "mesh.num_devices=8"), tmp_path / "8")
+    one = train_and_evaluate(small_config("total_steps=4", "mesh.num_devices=1"), tmp_path / "one")
+    eight = train_and_evaluate(small_config("total_steps=3", "mesh.num_devices=8"), tmp_path / "8")
     loss_one = [h["loss"] for h in one["history"]]
     loss_eight = [h["loss"] for h in eight["history"]]
     assert len(loss_one) == 4
@@ -67,13 +68,15 @@ def test_eight_devices_match_one_device(tmp_path):
     check_portable_files(tmp_path / "8", tmp_path)
 
     # Restoring the 8-device checkpoint on a 1-device mesh continues the same run.
-    resumed = train_and_evaluate(cfg("total_steps=4", "mesh.num_devices=1"), tmp_path / "8")
+    resumed = train_and_evaluate(
+        small_config("total_steps=4", "mesh.num_devices=1"), tmp_path / "8"
+    )
     assert resumed["resumed_from"] == 3
     np.testing.assert_allclose(resumed["history"][-1]["loss"], loss_one[3], rtol=2e-5)
 
     # Resuming with another model is refused up front, naming what differs.
     with pytest.raises(ValueError, match=r"model.N: 16 -> 8"):
-        train_and_evaluate(cfg("total_steps=5", "model.N=8"), tmp_path / "one")
+        train_and_evaluate(small_config("total_steps=5", "model.N=8"), tmp_path / "one")
 
 
 _KILLED_RUN = textwrap.dedent(
@@ -145,7 +148,7 @@ def test_nonfinite_step_leaves_state_untouched():
     batch["image"] = jnp.asarray(
         np.random.default_rng(0).integers(0, 255, batch["image"].shape), jnp.uint8
     )
-    params = jax.jit(method.init)(jax.random.key(0), batch)["params"]
+    params = jit_init(method.init, jax.random.key(0), batch)["params"]
     tx = make_optimizer(config.optimizer, 10, jax.tree.map(lambda _: True, params))
     state = TrainState(
         jnp.int32(0), params, params, jax.jit(tx.init)(params), {}, jnp.int32(0), jnp.int32(0)
@@ -277,7 +280,7 @@ def test_frozen_parameter_subsets_do_not_move():
     batch["image"] = jnp.asarray(
         np.random.default_rng(1).integers(0, 255, batch["image"].shape), jnp.uint8
     )
-    params = jax.jit(method.init)(jax.random.key(0), batch)["params"]
+    params = jit_init(method.init, jax.random.key(0), batch)["params"]
     trainable = jax.tree.map(lambda _: True, params)
     labels = param_labels(params, config.optimizer, trainable)
     assert set(jax.tree.leaves(labels["g_a"])) == {"frozen"}

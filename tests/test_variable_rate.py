@@ -24,6 +24,7 @@ from jaxcodec.methods import get_method
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn import rate as rate_lib
 from jaxcodec.nn.hyperprior import MeanScaleHyperprior
+from jaxcodec.train import jit_init
 
 # A plain mean-scale entropy model (one coding pass: fewer programs to compile); the latent
 # compressor's test below covers the space-channel context.
@@ -38,7 +39,7 @@ def model(tmp_path_factory):
     sqrt(λ) prior, so q moves the rate by a factor of several)."""
     config = load_config("configs/hfd.py:tiny,variable_rate=1", TINY)
     method = get_method(config)
-    variables = nn.unbox(jax.jit(method.init)(jax.random.key(0), method.dummy_batch(1)))
+    variables = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))
     return save_codec(tmp_path_factory.mktemp("vr") / "gain", config, variables["params"])
 
 
