@@ -46,7 +46,7 @@ TINY_VAE = VAEConfig(
 def write_vae_folder(folder: Path, seed: int) -> Path:
     """A random tiny VAE in diffusers format (what a user's pretrained folder looks like)."""
     model = AutoencoderKL(TINY_VAE)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
     dw.write_folder(folder, TINY_VAE.to_diffusers(), nn.unbox(params))
     return folder
 

@@ -319,7 +319,9 @@ def test_tokenizer_matches_open_clip(open_clip):
 
 def test_loader_names_every_mismatch(tmp_path):
     config = clip.CLIPConfig.from_open_clip(GELU_CFG)
-    text = clip.TextTransformer(config.text).init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+    text = jax.jit(clip.TextTransformer(config.text).init)(
+        jax.random.key(0), jnp.zeros((1, 77), jnp.int32)
+    )
     state = ocw.to_state_dict(config, nn.meta.unbox(text["params"]))
     del state["ln_final.bias"]
     state["transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((3, 32), np.float32)

@@ -15,6 +15,7 @@ from jaxcodec.codec import decompress_batch, load_codec, save_codec
 from jaxcodec.entropy import container, tables
 from jaxcodec.entropy.container import BitstreamError
 from jaxcodec.methods import get_method
+from jaxcodec.train import jit_init
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def tiny_config(entropy_model: str = "hyperprior"):
 def make_workdir(path: Path, seed: int = 0, entropy_model: str = "hyperprior") -> Path:
     config = tiny_config(entropy_model)
     method = get_method(config)
-    params = method.init(jax.random.key(seed), method.dummy_batch(1))["params"]
+    params = jit_init(method.init, jax.random.key(seed), method.dummy_batch(1))["params"]
     save_codec(path, config, params, step=config.total_steps)
     return path
 

@@ -15,6 +15,7 @@ from test_codec import ROOT, make_workdir, photo, tiny_config
 from jaxcodec.codec import load_codec
 from jaxcodec.entropy import context, fixedpoint
 from jaxcodec.methods import get_method
+from jaxcodec.train import jit_init
 
 GROUPS = (4, 4, 16)
 
@@ -101,7 +102,7 @@ def test_elic_checkpoint_roundtrip_in_a_fresh_single_thread_process(tmp_path):
     config = tiny_config("elic")
     config.model.context_groups = GROUPS
     method = get_method(config)
-    params = method.init(jax.random.key(0), method.dummy_batch(1))["params"]
+    params = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))["params"]
     from jaxcodec.codec import save_codec
 
     workdir = tmp_path / "elic"

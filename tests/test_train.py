@@ -62,10 +62,7 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(loss_eight, loss_one[:3], rtol=2e-5)
     assert loss_one[0] != loss_one[2]  # the model trains: the losses are not a constant
 
-    # The 8-device model compresses and decompresses in fresh 1- and 8-device processes.
-    from test_multiprocess import check_portable_files
-
-    check_portable_files(tmp_path / "8", tmp_path)
+    # (Its files in fresh 1- and 8-device processes: test_multiprocess, on a 2-process model.)
 
     # Restoring the 8-device checkpoint on a 1-device mesh continues the same run.
     resumed = train_and_evaluate(
