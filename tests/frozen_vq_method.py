@@ -29,6 +29,7 @@ from jaxcodec.methods import (
 from jaxcodec.methods.base import psnr_from_mse, to_float, to_uint8
 from jaxcodec.nn import layers
 from jaxcodec.nn.vae import AutoencoderKL, VAEConfig, vae_param_shapes
+from jaxcodec.train import jit_init
 from jaxcodec.weights import diffusers as dw
 
 NAME = "frozen_vq_method"
@@ -46,7 +47,7 @@ TINY_VAE = VAEConfig(
 def write_vae_folder(folder: Path, seed: int) -> Path:
     """A random tiny VAE in diffusers format (what a user's pretrained folder looks like)."""
     model = AutoencoderKL(TINY_VAE)
-    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = jit_init(model.init, jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))["params"]
     dw.write_folder(folder, TINY_VAE.to_diffusers(), nn.unbox(params))
     return folder
 

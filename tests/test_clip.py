@@ -36,6 +36,7 @@ from skimage import data
 
 from jaxcodec.nn import clip
 from jaxcodec.nn.text import CLIPTokenizer, encode_prompt, load_prompt_encoder
+from jaxcodec.train import jit_init
 from jaxcodec.weights import open_clip as ocw
 from jaxcodec.weights.diffusers import WeightsMismatchError
 
@@ -319,8 +320,8 @@ def test_tokenizer_matches_open_clip(open_clip):
 
 def test_loader_names_every_mismatch(tmp_path):
     config = clip.CLIPConfig.from_open_clip(GELU_CFG)
-    text = jax.jit(clip.TextTransformer(config.text).init)(
-        jax.random.key(0), jnp.zeros((1, 77), jnp.int32)
+    text = jit_init(
+        clip.TextTransformer(config.text).init, jax.random.key(0), jnp.zeros((1, 77), jnp.int32)
     )
     state = ocw.to_state_dict(config, nn.meta.unbox(text["params"]))
     del state["ln_final.bias"]

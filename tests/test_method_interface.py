@@ -20,7 +20,7 @@ from run_configs import set_fields
 from jaxcodec.checkpoint import Checkpointer, CheckpointError, load_bundle, tree_digest
 from jaxcodec.codec import load_codec
 from jaxcodec.configlib import PROJECT_ROOT
-from jaxcodec.train import train_and_evaluate
+from jaxcodec.train import jit_init, train_and_evaluate
 
 TESTS = Path(__file__).resolve().parent
 
@@ -60,7 +60,7 @@ def test_train_step_never_differentiates_or_optimises_the_frozen_part(vae_folder
     batch = {
         "image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
     }
-    variables = nn.unbox(jax.jit(method.init)(jax.random.key(0), batch))
+    variables = nn.unbox(jit_init(method.init, jax.random.key(0), batch))
     params, model_state = variables.pop("params"), variables
     tx = make_optimizer(c.optimizer, 10, jax.tree.map(lambda _: True, params))
     state = TrainState(
