@@ -39,10 +39,11 @@ def make_model(path: Path, variant: str) -> Path:
     from jaxcodec.codec import save_codec
     from jaxcodec.configlib import load_config
     from jaxcodec.methods import get_method
+    from jaxcodec.train_shapes import jit_init
 
     config = load_config(f"configs/hfd.py:{variant}", ["data.crop_size=64"])
     method = get_method(config)
-    params = jax.jit(lambda k: method.init(k, method.dummy_batch(1)))(jax.random.key(0))
+    params = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))
     return save_codec(path, config, params["params"])
 
 

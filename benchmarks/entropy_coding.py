@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from jaxcodec.entropy import coder, context, tables  # noqa: E402
 from jaxcodec.nn.hyperprior import gaussian_entropy_tables  # noqa: E402
+from jaxcodec.train_shapes import jit_init  # noqa: E402
 
 
 def synthetic_latents(rng, h=32, w=48, m=320, n=192):
@@ -135,7 +136,7 @@ def elic_decode_breakdown(image: np.ndarray, repeats: int) -> dict:
     config.model.entropy_model = "elic"
     config.data.crop_size = 64
     method = get_method(config)
-    params = jax.jit(lambda k: method.init(k, method.dummy_batch(1)))(jax.random.key(0))
+    params = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))
     with tempfile.TemporaryDirectory() as tmp:
         save_codec(tmp, config, params["params"], step=1)
         codec = load_codec(tmp)

@@ -49,8 +49,10 @@ def _fresh_variables(method, seed: int, select: Callable[[dict], Any]) -> Any:
     import flax.linen as nn
     import jax
 
+    from jaxcodec.train_shapes import jit_init
+
     init = lambda key: select(nn.unbox(method.init(key, method.dummy_batch(1))))  # noqa: E731
-    return jax.tree.map(np.asarray, jax.jit(init)(jax.random.key(seed)))
+    return jax.tree.map(np.asarray, jit_init(init, jax.random.key(seed)))
 
 
 def _variable_shapes(method) -> dict:

@@ -46,6 +46,7 @@ from jaxcodec.methods.base import pad_to_multiple, to_float
 from jaxcodec.nn import layers
 from jaxcodec.train_shapes import (  # noqa: F401  (re-exported: the loop's public API)
     ModelShapes,
+    jit_init,
     make_optimizer,
     make_schedule,
     merge_params,
@@ -704,17 +705,6 @@ def _init_or_restore(run: _Run, shapes: ModelShapes, data_iter) -> tuple[TrainSt
             init_state, shapes.init_key, start.params, start.state, out_shardings=layout.state
         )
     return state, 0
-
-
-def jit_init(init_fn: Callable, *args: Any, out_shardings: Any = None) -> Any:
-    """`init_fn(*args)` unboxed, computed where `out_shardings` puts it. On CPU the program is
-    compiled at LLVM level 1: it runs once, and level 2 spends more than twice the compile
-    time on its random initialisers (HFD tiny: 10.4 s against 3.9 s on 2 idle cores) for the
-    same arrays (checked bit for bit on HFD, RDEIC and DiffO tiny)."""
-    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
-    lowered = jax.jit(lambda *a: nn.unbox(init_fn(*a)), **kw).lower(*args)
-    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
-    return lowered.compile(compiler_options=options)(*args)
 
 
 def _bytes_per_device(state: TrainState, frozen: Any) -> dict[str, int]:

@@ -105,6 +105,17 @@ def merge_params(init: Any, loaded: Any, path: str = "") -> Any:
     return init.replace_boxed(new) if isinstance(init, nn.meta.AxisMetadata) else new
 
 
+def jit_init(init_fn: Callable, *args: Any, out_shardings: Any = None) -> Any:
+    """`init_fn(*args)` unboxed, computed where `out_shardings` puts it. On CPU the program is
+    compiled at LLVM level 1: it runs once, and level 2 spends more than twice the compile
+    time on its random initialisers (HFD tiny: 10.4 s against 3.9 s on 2 idle cores) for the
+    same arrays (checked bit for bit on HFD, RDEIC and DiffO tiny)."""
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    lowered = jax.jit(lambda *a: nn.unbox(init_fn(*a)), **kw).lower(*args)
+    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(*args)
+
+
 @dataclasses.dataclass
 class ModelShapes:
     """What the loop knows before any array exists: the method, the optimiser, the labels of
