@@ -293,7 +293,7 @@ def _swin_block_reference(p, x, heads, ws, shift, mask, groups):
 def test_swin_block_matches_a_direct_computation(mask):
     block = swin.SwinBlock(dim=16, heads=2, window=4, shift=2, groups=4, shift_mask=mask)
     x = jax.random.normal(jax.random.key(0), (1, 8, 12, 16))
-    params = nn.unbox(jit_init(block.init, jax.random.key(1), x)["params"])
+    params = jit_init(block.init, jax.random.key(1), x)["params"]
     params = jax.tree.map(lambda a: np.asarray(a, np.float64) * 3.0, params)  # sharp attention
     got = block.apply({"params": jax.tree.map(jnp.asarray, params)}, x)
     want = _swin_block_reference(params, np.asarray(x, np.float64), 2, 4, 2, mask, 4)
@@ -333,7 +333,7 @@ def test_import_weights_cli_feeds_stage_two(tmp_path):
     config = load_config("configs/diffo.py:tiny")
     method = get_method(config)
     model = VQModel(method.vqgan_config)
-    params = nn.unbox(jit_init(model.init, jax.random.key(3), jnp.zeros((1, 16, 16, 3)))["params"])
+    params = jit_init(model.init, jax.random.key(3), jnp.zeros((1, 16, 16, 3)))["params"]
     state = collections.OrderedDict()
     for key, value in dw.params_to_state_dict(params).items():
         if re.search(r"attentions\.\d+\.to_(q|k|v|out\.0)\.weight$", key):

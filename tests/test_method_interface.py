@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +59,7 @@ def test_train_step_never_differentiates_or_optimises_the_frozen_part(vae_folder
     batch = {
         "image": jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
     }
-    variables = nn.unbox(jit_init(method.init, jax.random.key(0), batch))
+    variables = jit_init(method.init, jax.random.key(0), batch)
     params, model_state = variables.pop("params"), variables
     tx = make_optimizer(c.optimizer, 10, jax.tree.map(lambda _: True, params))
     state = TrainState(

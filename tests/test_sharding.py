@@ -235,9 +235,7 @@ def test_remat_policies_keep_values_and_bf16_keeps_fp32_master_weights():
     )
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     ctx = jax.random.normal(jax.random.key(1), (2, 3, 8))
-    params = nn.unbox(
-        train.jit_init(UNet(UNetConfig(**kw)).init, jax.random.key(2), x, jnp.ones(2), ctx)
-    )
+    params = train.jit_init(UNet(UNetConfig(**kw)).init, jax.random.key(2), x, jnp.ones(2), ctx)
 
     def grads(config):
         f = lambda p: jnp.sum(UNet(config).apply(p, x, jnp.ones(2), ctx).astype(jnp.float32) ** 2)

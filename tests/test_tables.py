@@ -15,6 +15,7 @@ from jaxcodec.nn.hyperprior import (
     factorized_entropy_tables,
     gaussian_entropy_tables,
 )
+from jaxcodec.train_shapes import jit_init
 
 
 def _check_valid(t):
@@ -115,7 +116,7 @@ def test_integer_conv_matches_flax_within_its_quantisation_and_the_reference_exa
 ):
     mod = _flax_conv(kind, 6, k, s)
     x = np.random.default_rng(0).normal(size=(1, *hw, 4)).astype(np.float32) * 3
-    p = jax.jit(mod.init)(jax.random.key(2), jnp.asarray(x))["params"]
+    p = jit_init(mod.init, jax.random.key(2), jnp.asarray(x))["params"]
     ref = np.asarray(mod.apply({"params": p}, jnp.asarray(x)))[0]
     layer = fixedpoint.conv_layer(
         np.asarray(p["kernel"]), np.asarray(p["bias"]), s, kind == "deconv"
