@@ -1,12 +1,17 @@
 """The config of a training run inside a test: one device (the 8 fake host devices stay for
-the tests that shard), no evaluation, no real files, a log line per step."""
+the tests that shard), no evaluation, no real files, a log line per step; and a run's own
+compiled train step, for tests that drive steps by hand."""
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from jaxcodec.configlib import load_config
 
@@ -30,3 +35,51 @@ def run_config(spec: str, **fields: Any) -> ml_collections.ConfigDict:
     c.log_every = 1
     set_fields(c, fields)
     return c
+
+
+@dataclasses.dataclass
+class LoopStep:
+    """A run's own train step outside the loop: the initial state, the frozen parts, the mesh
+    and the compiled step, built by the loop's functions. The same config gives the same
+    programs as `train_and_evaluate`, so a test that drives steps by hand takes them from the
+    compilation cache when a run has compiled them."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    state: Any
+    frozen: Any
+    step: Any
+    speed: Any
+
+    def batch(self, images: np.ndarray) -> dict[str, Any]:
+        from jaxcodec import sharding as shd
+
+        return shd.global_batch({"image": images}, self.mesh)
+
+
+def loop_step(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> LoopStep:
+    from jaxcodec import sharding as shd
+    from jaxcodec import train
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="loop_step"))
+    shapes = train.model_shapes(config)
+    parts = train._frozen_parts(config, shapes.method, workdir)
+    layout = train._layout(config, shapes, parts.host)
+    frozen = train.place(parts.host, layout.frozen)
+    with shd.scope(layout.mesh, layout.rules):
+        state = train.jit_init(
+            shapes.init_state,
+            shapes.init_key,
+            parts.start.params,
+            parts.start.state,
+            out_shardings=layout.state,
+        )
+    crop = config.data.crop_size
+    example = shd.global_batch(
+        {"image": np.zeros((config.batch_size, crop, crop, 3), np.uint8)}, layout.mesh
+    )
+    fn = train.make_train_step(config, shapes, layout.mesh, layout.state, layout.frozen)
+    step, speed = train.compile_train_step(
+        config, fn, layout.mesh, layout.rules, state, frozen, example
+    )
+    return LoopStep(config, layout.mesh, state, frozen, step, speed)

@@ -95,7 +95,8 @@ def test_controlnet_xs_matches_diffusers(xs):
 
 
 def test_zero_initialised_adapter_leaves_the_unet_unchanged(xs):
-    """RDEIC's wiring (hint concatenated with x_t) at init: controlled UNet == plain UNet."""
+    """Zero convs at init: the controlled UNet (hint concatenated with x_t, base features read
+    into the control branch) equals the plain UNet; RDEIC's wiring only drops those reads."""
     _, unet_config, _, params = xs
     adapter_config = ControlAdapterConfig(size_ratio=0.25, head_channels=4, hint_channels=6)
     model = ControlledUNet(unet_config, adapter_config)

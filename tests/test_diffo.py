@@ -17,12 +17,13 @@ import pytest
 from run_configs import run_config
 from skimage import data as skdata
 
+from jaxcodec.checkpoint import CODEC_FILE, load_bundle
 from jaxcodec.codec import load_codec
 from jaxcodec.configlib import PROJECT_ROOT
 from jaxcodec.entropy import container
 from jaxcodec.entropy import tables as tables_lib
 from jaxcodec.methods import get_method
-from jaxcodec.train import jit_init, train_and_evaluate
+from jaxcodec.train import train_and_evaluate
 
 
 def _falls(history: list[dict], key: str = "loss", n: int = 5) -> tuple[float, float]:
@@ -35,10 +36,10 @@ def _falls(history: list[dict], key: str = "loss", n: int = 5) -> tuple[float, f
 # ---------------------------------------------------------------------------------------------
 
 
-def test_one_step_decode_is_exact_with_an_oracle_denoiser():
+def test_one_step_decode_is_exact_with_an_oracle_denoiser(trained):
     """The decoder's start z_T = z_base + s·κ·sqrt(η_T)·ε (what the denoiser is given) inverts to
     the file's ε, and when the denoiser returns the true z_0 the decoded latent is z_0 exactly —
-    through padding to the Swin-UNet's multiple and back."""
+    through padding to the Swin-UNet's multiple and back (the trained stage 2's parameters)."""
     method = get_method(run_config("configs/diffo.py:tiny,stage=2"))
     sched = method.schedule
     rng = np.random.default_rng(0)
@@ -49,7 +50,7 @@ def test_one_step_decode_is_exact_with_an_oracle_denoiser():
     eps = rng.normal(size=(1, h, w, dim)).astype(np.float32)
     z0 = jnp.asarray(rng.normal(size=(1, h, w, dim)), jnp.float32)
     window = jnp.concatenate([jnp.asarray(idx, jnp.float32), jnp.asarray(eps)], axis=-1)
-    params = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))["params"]
+    params = load_bundle(trained[0] / "stage2" / CODEC_FILE).params
     s, depth = 0.6, 1
     seen = {}
 
@@ -126,7 +127,8 @@ def _image(h: int, w: int) -> np.ndarray:
 DECODE = textwrap.dedent(
     """
     import hashlib, sys
-    from jaxcodec.codec import load_codec
+    from jaxcodec.checkpoint import CODEC_FILE, load_bundle
+from jaxcodec.codec import load_codec
     codec = load_codec(sys.argv[1])
     for path in sys.argv[2:]:
         image = codec.decompress(open(path, "rb").read())

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from run_configs import loop_step
 from tiny_unet import TINY_UNET
 
 from jaxcodec import sharding as shd
@@ -99,36 +100,23 @@ def _tiny_rdeic_config(devices: int):
             "batch_size=8",
             "data.crop_size=64",
             "mesh.fsdp_min_bytes=-1",  # the rules alone must split the largest parameters
+            # test_rdeic's fixture's stage-1 settings: on one device this is the same program,
+            # which one of the two then takes from the compilation cache.
+            "total_steps=120",
         ],
     )
 
 
 def _run_steps(config, steps: int = 2):
-    """The loop's own pieces: shapes, shardings, jitted init, compiled step (in scope)."""
-    from jaxcodec.codec import load_frozen
-
-    shapes = train.model_shapes(config)
-    frozen_host, _ = load_frozen(shapes.method, {}, "")
-    mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes, train._devices(config))
-    train.check_batch(config, mesh)
-    rules = shd.rules_of(config)
-    state_sh, frozen_sh = train.shardings(config, mesh, shapes, frozen_host)
-    frozen = train.place(frozen_host, frozen_sh)
-    with shd.scope(mesh, rules):
-        state = train.jit_init(
-            shapes.init_state, shapes.init_key, None, None, out_shardings=state_sh
-        )
+    """Steps of the loop's own compiled step on random photos-sized batches."""
+    run = loop_step(config)
     rng = np.random.default_rng(0)
-    losses, step = [], None
+    state, losses = run.state, []
     for _ in range(steps):
         image = rng.integers(0, 256, (config.batch_size, 64, 64, 3), dtype=np.uint8)
-        batch = shd.global_batch({"image": image}, mesh)
-        if step is None:
-            fn = train.make_train_step(config, shapes, mesh, state_sh, frozen_sh)
-            step, speed = train.compile_train_step(config, fn, mesh, rules, state, frozen, batch)
-        state, metrics = step(state, frozen, batch)
+        state, metrics = run.step(state, run.frozen, run.batch(image))
         losses.append(float(metrics["loss"]))
-    return state, frozen, losses, speed
+    return state, run.frozen, losses, run.speed
 
 
 def test_fsdp_splits_the_largest_unet_and_compressor_parameters_and_matches_one_device():
@@ -196,18 +184,8 @@ def test_gradient_accumulation_equals_the_whole_batch():
         config.update(batch_size=32, grad_accum_steps=accum, total_steps=10)
         config.data.crop_size = 32
         config.mesh.shape = (1, -1, 1)
-        shapes = train.model_shapes(config)
-        mesh = shd.create_mesh(config.mesh.shape, config.mesh.axes)
-        train.check_batch(config, mesh)
-        state_sh, frozen_sh = train.shardings(config, mesh, shapes)
-        with shd.scope(mesh, shd.rules_of(config)):
-            state = train.jit_init(
-                shapes.init_state, shapes.init_key, None, None, out_shardings=state_sh
-            )
-        fn = train.make_train_step(config, shapes, mesh, state_sh, frozen_sh)
-        batch = shd.global_batch({"image": image}, mesh)
-        step, _ = train.compile_train_step(config, fn, mesh, shd.rules_of(config), state, {}, batch)
-        state, metrics = step(state, {}, batch)
+        run = loop_step(config)
+        state, metrics = run.step(run.state, run.frozen, run.batch(image))
         results[accum] = (jax.device_get(metrics), jax.device_get(state.params))
     (m1, p1), (m4, p4) = results[1], results[4]
     print("accumulation parity:", {k: (float(m1[k]), float(m4[k])) for k in ("loss", "grad_norm")})

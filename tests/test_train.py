@@ -121,58 +121,49 @@ def test_sigkill_mid_run_resumes_with_the_next_batch(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
-    # λ = inf makes every loss infinite: the run must stop after the configured streak.
-    config = small_config("total_steps=10", "loss.lmbda=inf", "max_consecutive_nonfinite=3")
+    # λ = inf makes every loss infinite: the run must stop after the configured streak. (The
+    # plain mean-scale entropy model: a program of its own either way, compiled in a third of
+    # the default ELIC one's time.)
+    config = small_config(
+        "total_steps=10",
+        "loss.lmbda=inf",
+        "max_consecutive_nonfinite=3",
+        "model.entropy_model=hyperprior",
+    )
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         train_and_evaluate(config, tmp_path / "inf")
 
 
 def test_nonfinite_step_leaves_state_untouched():
     import dataclasses
-    import functools
 
     import jax.numpy as jnp
+    from run_configs import loop_step  # (not at the top: subprocesses import this module)
 
-    from jaxcodec.checkpoint import TrainState
-    from jaxcodec.methods import get_method
-    from jaxcodec.train import make_optimizer, train_step
+    # The loop's own step of test_eight_devices_match_one_device's one-device run (the same
+    # program, from the compilation cache); it donates the state, so copies are compared.
+    run = loop_step(small_config("total_steps=4", "mesh.num_devices=1"))
+    images = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    batch = run.batch(images)
+    params, opt_state = jax.device_get((run.state.params, run.state.opt_state))
+    leaves, treedef = jax.tree.flatten(params)
+    poisoned = jax.tree.unflatten(treedef, [leaves[0].copy(), *leaves[1:]])
+    jax.tree.leaves(poisoned)[0].flat[0] = np.nan  # a NaN in one weight: a non-finite loss
+    bad = dataclasses.replace(run.state, params=jax.tree.map(jnp.asarray, poisoned))
 
-    # A unit test of the step's guard: the plain mean-scale model compiles in a third of the
-    # time of the default ELIC one, which the end-to-end training tests train.
-    config = small_config("model.entropy_model=hyperprior")
-    method = get_method(config)
-    batch = method.dummy_batch(2)
-    batch["image"] = jnp.asarray(
-        np.random.default_rng(0).integers(0, 255, batch["image"].shape), jnp.uint8
-    )
-    params = jit_init(method.init, jax.random.key(0), batch)["params"]
-    tx = make_optimizer(config.optimizer, 10, jax.tree.map(lambda _: True, params))
-    state = TrainState(
-        jnp.int32(0), params, params, jax.jit(tx.init)(params), {}, jnp.int32(0), jnp.int32(0)
-    )
-
-    # One compiled step for both cases: a NaN in one weight makes the loss non-finite.
-    step = jax.jit(
-        functools.partial(
-            train_step, method=method, tx=tx, base_key=jax.random.key(1), ema_decay=0.9
-        )
-    )
-    leaves, treedef = jax.tree.flatten(state.params)
-    poisoned = jax.tree.unflatten(treedef, [leaves[0].at[0].set(jnp.nan), *leaves[1:]])
-    bad = dataclasses.replace(state, params=poisoned)
-    skipped, metrics = step(bad, {}, batch)
+    skipped, metrics = run.step(bad, run.frozen, batch)
     assert not bool(metrics["step_finite"])
     assert int(skipped.step) == 1 and int(skipped.nonfinite_streak) == 1
     assert int(skipped.nonfinite_total) == 1
-    jax.tree.map(np.testing.assert_array_equal, skipped.params, bad.params)
-    jax.tree.map(np.testing.assert_array_equal, skipped.opt_state, state.opt_state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(skipped.params), poisoned)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(skipped.opt_state), opt_state)
 
-    skipped = dataclasses.replace(skipped, params=state.params)  # the weight repaired
-    good, metrics = step(skipped, {}, batch)
+    repaired = dataclasses.replace(skipped, params=jax.tree.map(jnp.asarray, params))
+    good, metrics = run.step(repaired, run.frozen, batch)
     assert bool(metrics["step_finite"])
     assert int(good.nonfinite_streak) == 0 and int(good.nonfinite_total) == 1
     changed = jax.tree.map(
-        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), good.params, state.params
+        lambda a, b: bool(np.any(np.asarray(a) != b)), jax.device_get(good.params), params
     )
     assert any(jax.tree.leaves(changed))
 
