@@ -15,6 +15,30 @@ import numpy as np
 
 from jaxcodec.configlib import load_config
 
+# HFD's stage 1 at its smallest, the run the training-stack tests share (test_train,
+# test_multiprocess): one program for all of them through the persistent compilation cache.
+SMALL = [
+    "stages=()",  # stage 1 alone, in the workdir itself
+    "model.N=16",
+    "model.M=16",
+    "model.context_groups=(8,8)",  # the default ELIC entropy model, two groups
+    "data.crop_size=64",
+    "batch_size=8",
+    "eval_data.max_images=1",
+    "log_every=1",
+    "eval_every=0",
+    "checkpoint_every=2",
+    "optimizer.lr=1e-3",
+    # A constant rate keeps total_steps out of the compiled step: runs of different lengths
+    # share one program, and a run of 3 steps is the first 3 steps of a run of 4.
+    "optimizer.schedule=constant",
+    "real_file_eval=False",
+]
+
+
+def small_config(*overrides: str) -> ml_collections.ConfigDict:
+    return load_config("configs/hfd.py:tiny", [*SMALL, *overrides])
+
 
 def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
     """Sets each `dotted.path` of `fields` (a value of any type, unlike --config flags)."""

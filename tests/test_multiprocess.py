@@ -10,20 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from run_configs import SMALL, small_config
 
 from jaxcodec.configlib import PROJECT_ROOT
+from jaxcodec.train import train_and_evaluate
 
-FLAGS = [
-    "--config.stages=()",  # stage 1 alone, in the workdir itself
-    "--config.total_steps=3",
-    "--config.model.N=16",
-    "--config.model.M=16",
-    "--config.model.context_groups=(8,8)",  # the default ELIC entropy model, two groups
-    "--config.data.crop_size=64",
-    "--config.log_every=1",
-    "--config.eval_every=0",
-    "--config.real_file_eval=False",
-]
+# test_train's small HFD run (its one-device program comes from the compilation cache).
+FLAGS = [f"--config.{o}" for o in SMALL] + ["--config.total_steps=3"]
 
 
 def _free_port() -> int:
@@ -50,21 +43,16 @@ def test_two_processes_match_one_process(tmp_path):
         )
         for i in range(2)
     ]
-    single = subprocess.run(
-        base + ["--workdir", str(tmp_path / "one"), *FLAGS],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # The reference: the same run in this process, on one of its devices.
+    single = train_and_evaluate(
+        small_config("total_steps=3", "mesh.num_devices=1"), tmp_path / "one"
     )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
 
     two = json.loads((tmp_path / "two" / "summary.json").read_text())["history"]
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())["history"]
+    one = single["history"]
     assert [h["step"] for h in two] == [1, 2, 3]
     np.testing.assert_allclose([h["loss"] for h in two], [h["loss"] for h in one], rtol=1e-5)
     # The two-process run checkpointed once, for both processes, and wrote one codec bundle

@@ -203,11 +203,18 @@ def test_prompt_search_is_jitted_lowers_its_loss_and_round_trips(codec):
 
     method, v = codec.method, codec.variables
     image = photo(128, 128)
-    z0 = method._encode(v.frozen, jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0)
-    out = method.compressor.apply({"params": v.params["compressor"]}, z0, train=False)
+
+    @jax.jit  # one program, not one eager dispatch (and compile) per op
+    def z_c_of(frozen, params, x):
+        z0 = method._encode(frozen, x)
+        return method.compressor.apply({"params": params}, z0, train=False).z_c
+
+    z_c = z_c_of(
+        v.frozen, v.params["compressor"], jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0
+    )
     clip = ps.load_clip(Path(method.config.model.sd_path) / "text_encoder")
     config = ps.SearchConfig(length=6, iterations=24, eval_every=8, clip_weight=1.0)
-    result = ps.search(method, v, image, out.z_c, None, config, clip, steps=2, guidance=1.0)
+    result = ps.search(method, v, image, z_c, None, config, clip, steps=2, guidance=1.0)
     losses, trace = result["losses"], result["lpips_trace"]
     print(f"PEZ loss {losses[:4].mean():.3f} -> {losses[-4:].mean():.3f}; LPIPS trace {trace}")
     assert ps._search._cache_size() == 1  # one compiled program ran the whole search

@@ -12,33 +12,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from run_configs import SMALL, loop_step, small_config
 
 from jaxcodec.checkpoint import Checkpointer
 from jaxcodec.configlib import PROJECT_ROOT, load_config
 from jaxcodec.train import NonFiniteError, jit_init, train_and_evaluate
-
-SMALL = [
-    "stages=()",  # stage 1 alone, in the workdir itself
-    "model.N=16",
-    "model.M=16",
-    "model.context_groups=(8,8)",  # the default ELIC entropy model, two groups
-    "data.crop_size=64",
-    "batch_size=8",
-    "eval_data.max_images=1",
-    "log_every=1",
-    "eval_every=0",
-    "checkpoint_every=2",
-    "optimizer.lr=1e-3",
-    # A constant rate keeps total_steps out of the compiled step: runs of different lengths in
-    # this file share one program (the persistent compilation cache), and a run of 3 steps is
-    # the first 3 steps of a run of 4.
-    "optimizer.schedule=constant",
-    "real_file_eval=False",
-]
-
-
-def small_config(*overrides: str):
-    return load_config("configs/hfd.py:tiny", [*SMALL, *overrides])
 
 
 def _params_at(workdir: Path, step: int):
@@ -79,8 +57,8 @@ def test_eight_devices_match_one_device(tmp_path):
 _KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, {root!r})
-    from tests.test_train import small_config
+    sys.path.insert(0, {tests!r})
+    from run_configs import small_config
     from jaxcodec.train import train_and_evaluate
 
     def die(step, metrics):
@@ -98,7 +76,7 @@ def test_sigkill_mid_run_resumes_with_the_next_batch(tmp_path):
 
     workdir = tmp_path / "killed"
     script = _KILLED_RUN.format(
-        root=str(PROJECT_ROOT), kill_at=kill_at, total=total, workdir=str(workdir)
+        tests=str(PROJECT_ROOT / "tests"), kill_at=kill_at, total=total, workdir=str(workdir)
     )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
@@ -138,7 +116,6 @@ def test_nonfinite_step_leaves_state_untouched():
     import dataclasses
 
     import jax.numpy as jnp
-    from run_configs import loop_step  # (not at the top: subprocesses import this module)
 
     # The loop's own step of test_eight_devices_match_one_device's one-device run (the same
     # program, from the compilation cache); it donates the state, so copies are compared.
