@@ -2,7 +2,6 @@
 (`configs/rdeic.py:full,stage=2,lambda_r=0.5`), and loading them the way the command line
 does, for scripts, tests and the CLI."""
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,11 +91,6 @@ def base_config(method: str, variant: str, stage: int = 1) -> ml_collections.Con
     # configs; RDEIC: `model.unet_dtype`, `model.remat`).
     c.grad_accum_steps = 1
     c.prefetch = 2
-    # LLVM optimisation level of the compiled train step (XLA's xla_backend_optimization_level);
-    # -1 keeps XLA's (2). On a CPU, 1 compiles a tiny model's step about a fifth faster and
-    # runs it under a tenth slower: the better trade for short runs, which is why the test
-    # session defaults to it (JAXCODEC_STEP_LLVM_LEVEL=1, tests/conftest.py).
-    c.step_llvm_level = int(os.environ.get("JAXCODEC_STEP_LLVM_LEVEL", "-1"))
     # Peak dense TFLOP/s of one device for the MFU on the console; 0 = built in for the device
     # kind (TPU v2-v6e, A100, H100, H200, B200, L4, MI300X; see jaxcodec.throughput).
     c.peak_tflops = 0.0

@@ -502,11 +502,9 @@ def compile_train_step(config, step_fn, mesh, rules, *args):
     """Traces and compiles the step for `args` (arrays or `ShapeDtypeStruct`s with shardings)
     inside the mesh and rules scope; returns the executable and its `Throughput` (XLA's FLOPs
     per device, the configured or built-in peak of this device kind)."""
-    level = int(config.get("step_llvm_level", -1))
-    options = None if level < 0 else {"xla_backend_optimization_level": level}
     with shd.scope(mesh, rules):
         traced = step_fn.trace(*args)
-        compiled = traced.lower().compile(compiler_options=options)
+        compiled = traced.lower().compile()
     flops = tput.step_flops(compiled, traced.jaxpr)
     peak = tput.peak_tflops(jax.devices()[0].device_kind, config.get("peak_tflops", 0.0))
     return compiled, tput.Throughput(int(config.batch_size), flops, peak)

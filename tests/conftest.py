@@ -10,10 +10,6 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Train steps compile at LLVM level 1 (`config.step_llvm_level`): about a fifth less compile
-# time for the many short runs here (RDEIC tiny: 13.9 s against 17.8 s, steps 123 ms against
-# 114 ms). Subprocesses inherit it, so a run and its fresh-process resume compile alike.
-os.environ.setdefault("JAXCODEC_STEP_LLVM_LEVEL", "1")
 # A persistent compilation cache shared by the test process and the subprocesses it starts:
 # the same tiny train steps are compiled by many tests.
 os.environ.setdefault(
