@@ -127,8 +127,7 @@ def _image(h: int, w: int) -> np.ndarray:
 DECODE = textwrap.dedent(
     """
     import hashlib, sys
-    from jaxcodec.checkpoint import CODEC_FILE, load_bundle
-from jaxcodec.codec import load_codec
+    from jaxcodec.codec import load_codec
     codec = load_codec(sys.argv[1])
     for path in sys.argv[2:]:
         image = codec.decompress(open(path, "rb").read())
