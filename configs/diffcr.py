@@ -1,9 +1,10 @@
-"""DiffCR (Xia et al., AAAI-26). `configs/diffcr.py:VARIANT[,stage=S][,lambda_r=L]`.
+"""DiffCR (Xia et al., AAAI-26). `configs/diffcr.py:VARIANT[,stage=S][,lambda_r=L][,backbone=DIR]`.
 
 tiny — RDEIC's random tiny SD backbone (`configs/rdeic.py:tiny_sd_folder`), a small compressor
        (one channel group: no channel context, the fastest compile) and FaSE (one RRDB), the
        empty prompt as the UNet's context (no CLIP weights): both stages train in seconds on a
-       CPU.
+       CPU. `tiny,backbone=DIR` runs on a backbone trained by `configs/ldm.py` (its diffusers
+       folder, WORKDIR/stage2/backbone; its learned text condition is the empty prompt).
 full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`, which also takes
        a backbone trained here: unet/, vae/, text_encoder/), OpenCLIP ViT-H/14 for the image
        condition (`--config.model.clip_path=DIR`, an open_clip folder; or
@@ -47,7 +48,7 @@ def tiny_sd_folder() -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=0.5)
+    a = parse_arg(arg, variants=VARIANTS, stage=1, lambda_r=0.5, backbone="")
     variant, stage, lambda_r = a["variant"], a["stage"], a["lambda_r"]
     if stage not in (1, 2):
         raise ValueError(f"DiffCR has stages 1 and 2, not {stage}")
@@ -56,10 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- Model. The SD folder's own config.json files are the authority for the backbone.
     c.model = ml_collections.ConfigDict(
         dict(
-            sd_path="",  # diffusers SD 2.1-base folder; '' = SD 2.1-base shapes only
+            sd_path=a["backbone"],  # diffusers SD folder; '' = SD 2.1-base shapes only
             unet_dtype="float32",
             remat=False,  # rematerialise UNet blocks (and the VAE decoder in stage 2)
-            scale_factor=0.18215,
+            scale_factor=0.0,  # 0: the backbone's vae/config.json `scaling_factor`
             condition="clip",  # 'clip': ProjLayer([CLIP image, prompt, base]); 'empty_prompt'
             clip_path="",  # open_clip ViT-H/14 folder (image tower) for condition='clip'
             prompt=BASE_PROMPT,  # the decoder's text prompt (the public code's `txt`)
@@ -119,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 10_000
 
     if variant == "tiny":
-        c.model.sd_path = tiny_sd_folder()
+        c.model.sd_path = a["backbone"] or tiny_sd_folder()
         c.model.condition = "empty_prompt"
         c.model.compressor = ml_collections.ConfigDict(
             dict(N=32, M=32, groups=(32,), num_codes=32, res_blocks=(1, 1))

@@ -133,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             sd_path="",  # diffusers SD 2.1-base folder; '' = SD 2.1-base shapes only
             unet_dtype="float32",
             remat=False,
-            scale_factor=0.18215,
+            scale_factor=0.0,  # 0: the backbone's vae/config.json `scaling_factor`
             add_steps=add_steps,  # N: the compression-aware forward process starts at index N
             compressor=ml_collections.ConfigDict(
                 dict(N=128, M=192, groups=(16, 16, 32, 32, 96), enc_channels=128, bottlenecks=3)

@@ -174,10 +174,11 @@ def test_export_backbone_command_writes_the_same_folder(backbone, tmp_path):
     )
 
 
-def test_rdeic_tiny_on_the_backbone_round_trips_a_file(backbone, tmp_path):
-    """`configs/rdeic.py:tiny,backbone=DIR`: the UNet/VAE shapes and the scale factor come from
-    the folder; a model on it writes a real file that decodes twice the same (RDEIC's training
-    loop itself is test_rdeic's, on the same code path)."""
+@pytest.mark.parametrize("method", ["rdeic", "diffcr"])
+def test_sd_method_tiny_on_the_backbone_round_trips_a_file(method, backbone, tmp_path):
+    """`configs/{rdeic,diffcr}.py:tiny,backbone=DIR`: the UNet/VAE shapes and the scale factor
+    come from the folder; a model on it writes a real file that decodes twice the same (the
+    methods' training loops are test_rdeic's and test_diffcr's, on the same code path)."""
     from skimage import data
 
     from jaxcodec.codec import load_codec, save_codec
@@ -185,15 +186,15 @@ def test_rdeic_tiny_on_the_backbone_round_trips_a_file(backbone, tmp_path):
     from jaxcodec.train import jit_init
 
     folder = backbone["folder"]
-    c = load_config(f"configs/rdeic.py:tiny,backbone={folder}")
-    method = get_method(c)
+    c = load_config(f"configs/{method}.py:tiny,backbone={folder}")
+    model = get_method(c)
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    assert method.scale == pytest.approx(vae_config["scaling_factor"])
-    variables = jit_init(method.init, jax.random.key(0), method.dummy_batch(1))
+    assert model.scale == pytest.approx(vae_config["scaling_factor"])
+    variables = jit_init(model.init, jax.random.key(0), model.dummy_batch(1))
     params = variables.pop("params")
-    save_codec(tmp_path / "rdeic", c, params, variables)
+    save_codec(tmp_path / method, c, params, variables)
 
-    codec = load_codec(tmp_path / "rdeic")
+    codec = load_codec(tmp_path / method)
     assert codec.method.scale == pytest.approx(vae_config["scaling_factor"])
     image = np.ascontiguousarray(data.astronaut()[:72, :100])
     file = codec.compress(image)
@@ -276,14 +277,17 @@ def test_cpu_backbone_launcher_runs_valid_configs(tmp_path, monkeypatch):
     assert specs[0] == "configs/ldm.py:tiny" and "--config.seed=3" in trains[0]
     backbone = str(tmp_path / "runs" / "ldm" / "stage2" / "backbone")
     assert specs[1:] == [
-        f"configs/rdeic.py:tiny,backbone={backbone},stage=1",
-        f"configs/rdeic.py:tiny,backbone={backbone},stage=2",
-        "configs/rdeic.py:tiny,stage=1",
-        "configs/rdeic.py:tiny,stage=2",
+        f"configs/{method}.py:tiny{on},stage={stage}"
+        for method in ("rdeic", "diffcr")
+        for on in (f",backbone={backbone}", "")
+        for stage in (1, 2)
     ]
     for cmd, spec in zip(trains, specs, strict=True):
         overrides = [a for a in cmd if a.startswith("--config.")]
         c = load_config(spec, overrides)
-        assert c.eval_data.path == (str(kodak) if "rdeic" in spec else c.eval_data.path)
+        if not spec.startswith("configs/ldm.py"):
+            assert c.eval_data.path == str(kodak)
+        if "backbone=" in spec:
+            assert c.model.sd_path == backbone
     evaluations = [c for c in commands if c[1:3] == ["-m", "jaxcodec.evaluate"]]
-    assert len(evaluations) == 5 and commands[-1][1] == "launch/backbone_report.py"
+    assert len(evaluations) == 7 and commands[-1][1] == "launch/backbone_report.py"

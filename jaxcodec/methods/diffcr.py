@@ -63,7 +63,7 @@ from jaxcodec.methods.base import (
     to_float,
     to_uint8,
 )
-from jaxcodec.methods.rdeic import fast_key, sd_configs
+from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs
 from jaxcodec.nn import clip
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn.fase import FaSE, FaSEConfig, ProjLayer
@@ -188,7 +188,7 @@ class DiffCR(Method):
         self.schedule = scaled_linear_schedule()
         self.boundary = ConsistencyBoundary(sigma_data=float(m.sigma_data))
         self.grid_steps = int(m.grid_steps)
-        self.scale = float(m.scale_factor)
+        self.scale = latent_scale(m, self.vae_config)
         self.colour = bool(m.colour_correction)
         self._coder = DiffCRCoding(self)
 

@@ -57,7 +57,7 @@ from jaxcodec.methods.base import (
     to_float,
     to_uint8,
 )
-from jaxcodec.methods.rdeic import fast_key, sd_configs
+from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn.clip import TextConfig, TextTransformer, text_param_shapes
 from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
@@ -121,7 +121,7 @@ class ResULIC(Method):
         self.schedule = scaled_linear_schedule()
         self.start = int(m.add_steps)  # N: the forward process's start index
         check_sampler(int(config.decode.steps), self.start)
-        self.scale = float(m.scale_factor)
+        self.scale = latent_scale(m, self.vae_config)
         self.latent_stride = 2 ** (len(self.vae_config.block_out_channels) - 1)
         self._coder = ResULICCoding(self)
 
