@@ -1,10 +1,12 @@
 """ResULIC (Ke et al., semantic residual coding and compression-aware diffusion).
 
-`configs/resulic.py:VARIANT[,stage=S][,add_steps=N][,l_bpp=W]`.
+`configs/resulic.py:VARIANT[,stage=S][,add_steps=N][,l_bpp=W][,backbone=DIR]`.
 
 tiny — a random SD-shaped backbone with a random tiny CLIP (text and image towers), written on
        the fly as a diffusers folder (`tiny_sd_folder`), a small ELIC and adapter, the
        scikit-image photos with their captions: both stages train in seconds on a CPU.
+       `tiny,backbone=DIR` runs on a backbone trained by `configs/ldm.py` (WORKDIR/stage2/
+       backbone): it has no text tower, so no captions; its learned empty prompt conditions.
 full — SD 2.1-base from a local diffusers folder (`--config.model.sd_path=DIR`: unet/, vae/,
        text_encoder/), the official ELIC (N 128, M 192, slices [16, 16, 32, 32, 96]) and
        CDDM adapter (0.2 width, 16-channel heads, hint z_c); FSDP, bf16 activations, remat.
@@ -116,7 +118,7 @@ def decode_steps(add_steps: int) -> int:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, variants=VARIANTS, stage=1, add_steps=300, l_bpp=-1.0)
+    a = parse_arg(arg, variants=VARIANTS, stage=1, add_steps=300, l_bpp=-1.0, backbone="")
     variant, stage, add_steps = a["variant"], a["stage"], a["add_steps"]
     if stage not in (1, 2):
         raise ValueError(f"ResULIC has stages 1 and 2, not {stage}")
@@ -130,7 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # --- Model. The SD folder's own config.json files are the authority for the backbone.
     c.model = ml_collections.ConfigDict(
         dict(
-            sd_path="",  # diffusers SD 2.1-base folder; '' = SD 2.1-base shapes only
+            sd_path=a["backbone"],  # diffusers SD folder; '' = SD 2.1-base shapes only
             unet_dtype="float32",
             remat=False,
             scale_factor=0.0,  # 0: the backbone's vae/config.json `scaling_factor`
@@ -194,15 +196,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = 10_000
 
     if variant == "tiny":
-        c.model.sd_path = tiny_sd_folder()
+        c.model.sd_path = a["backbone"] or tiny_sd_folder()
         c.model.compressor = ml_collections.ConfigDict(
             dict(N=32, M=32, groups=(8, 24), enc_channels=32, bottlenecks=1)
         )
         c.model.adapter = ml_collections.ConfigDict(dict(size_ratio=0.25, head_channels=4))
-        c.encode.captions = str(SKIMAGE_CAPTIONS)
+        c.encode.captions = "" if a["backbone"] else str(SKIMAGE_CAPTIONS)
         c.decode.steps = 2
         c.decode.guidance = 1.0
     sd_method_variant(c, variant, lr=3e-3, crop=128)
-    if variant == "tiny":
+    if variant == "tiny" and not a["backbone"]:
         c.data.captions = str(SKIMAGE_CAPTIONS)
     return c

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A Stable-Diffusion-shaped backbone trained on this CPU (configs/ldm.py:tiny: the autoencoder,
 # then the latent UNet, exported as a diffusers folder), the SD-based methods' tiny variants on
-# it (RDEIC, DiffCR), and the same methods on the random backbone their tiny variants use
+# it (RDEIC, DiffCR, ResULIC), and the same methods on the random backbone their tiny variants use
 # without one; then Kodak from real files beside JPEG, WebP and AVIF at the nearest bpp.
 #   launch/cpu_backbone.sh [--dry-run] runs/backbone [extra flags for the backbone's training]
 # On 2 CPU cores: the backbone about 45 minutes (autoencoder ≤ 25), each method ≤ 30 minutes per
@@ -9,9 +9,10 @@
 # the script is run again with the same root.
 #   DATA    training photos for every run (default: ../shared/data/photos, else scikit-image's)
 #   KODAK   evaluation images (default: ../shared/data/kodak)
-#   METHODS   the SD-based methods trained on both backbones (default "rdeic diffcr"; ResULIC
-#             needs a CLIP text tower for its captions, which this backbone does not have)
-#   RDEIC_STEPS1, RDEIC_STEPS2, DIFFCR_STEPS1, DIFFCR_STEPS2   steps per stage (default 2400, 300)
+#   METHODS   the SD-based methods trained on both backbones (default "rdeic diffcr resulic";
+#             ResULIC runs without captions on the trained backbone, which has no text tower)
+#   RDEIC_STEPS1, RDEIC_STEPS2, DIFFCR_STEPS1, ..., RESULIC_STEPS2   steps per stage (default
+#             2400, 300)
 #   QUALITIES_JPEG, QUALITIES_WEBP, QUALITIES_AVIF   the classical sweeps (low-rate defaults)
 # Results: ROOT/kodak/nearest_bpp.md, ROOT/kodak/side_by_side.png, ROOT/kodak/*/results.md,
 # ROOT/kodak/ldm_losses.png (the backbone's training curves),
@@ -33,11 +34,11 @@ if [[ -d "$photos" ]]; then data=(--config.data.source=folder --config.data.path
 if [[ -n "${DATA:-}" && ! -d "$DATA" ]]; then echo "DATA=$DATA is not a folder" >&2; exit 2; fi
 eval_data=(--config.eval_data.source=folder --config.eval_data.path="$kodak"
   --config.eval_data.max_images=2)
-read -r -a methods <<< "${METHODS:-rdeic diffcr}"
+read -r -a methods <<< "${METHODS:-rdeic diffcr resulic}"
 for method in "${methods[@]}"; do
   case "$method" in
-    rdeic | diffcr) ;;
-    *) echo "METHODS: $method is not one of rdeic, diffcr" >&2; exit 2 ;;
+    rdeic | diffcr | resulic) ;;
+    *) echo "METHODS: $method is not one of rdeic, diffcr, resulic" >&2; exit 2 ;;
   esac
 done
 
@@ -47,7 +48,8 @@ backbone="$root/ldm/stage2/backbone"
 
 # 2. The methods, on the trained backbone and on the random one: stage 1, then stage 2 from it
 # (RDEIC: fine-tuning through the 2-step sampler and the VAE decoder with LPIPS; DiffCR: FaSE
-# through its two-step sampler, MSE + LPIPS).
+# through its two-step sampler, MSE + LPIPS; ResULIC: the compression-aware diffusion, then MSE +
+# LPIPS on the decoded ẑ_0).
 sd_method() {  # METHOD NAME [BACKBONE]
   local dir="$root/$2" spec="configs/$1.py:tiny${3:+,backbone=$3}" up="${1^^}"
   local steps1="${up}_STEPS1" steps2="${up}_STEPS2"

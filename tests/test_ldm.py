@@ -174,11 +174,12 @@ def test_export_backbone_command_writes_the_same_folder(backbone, tmp_path):
     )
 
 
-@pytest.mark.parametrize("method", ["rdeic", "diffcr"])
+@pytest.mark.parametrize("method", ["rdeic", "diffcr", "resulic"])
 def test_sd_method_tiny_on_the_backbone_round_trips_a_file(method, backbone, tmp_path):
-    """`configs/{rdeic,diffcr}.py:tiny,backbone=DIR`: the UNet/VAE shapes and the scale factor
-    come from the folder; a model on it writes a real file that decodes twice the same (the
-    methods' training loops are test_rdeic's and test_diffcr's, on the same code path)."""
+    """`configs/{rdeic,diffcr,resulic}.py:tiny,backbone=DIR`: the UNet/VAE shapes and the scale
+    factor come from the folder; a model on it writes a real file that decodes twice the same
+    (the methods' training loops are their own tests', on the same code path). ResULIC, with
+    no text tower there, conditions on the backbone's text condition and refuses captions."""
     from skimage import data
 
     from jaxcodec.codec import load_codec, save_codec
@@ -187,6 +188,13 @@ def test_sd_method_tiny_on_the_backbone_round_trips_a_file(method, backbone, tmp
 
     folder = backbone["folder"]
     c = load_config(f"configs/{method}.py:tiny,backbone={folder}")
+    if method == "resulic":
+        with pytest.raises(ValueError, match="encode.captions need a CLIP text tower"):
+            get_method(
+                load_config(
+                    f"configs/resulic.py:tiny,backbone={folder}", ["encode.captions=captions.json"]
+                )
+            )
     model = get_method(c)
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert model.scale == pytest.approx(vae_config["scaling_factor"])
@@ -201,6 +209,13 @@ def test_sd_method_tiny_on_the_backbone_round_trips_a_file(method, backbone, tmp
     decoded = codec.decompress(file)
     assert decoded.shape == image.shape and decoded.dtype == np.uint8
     np.testing.assert_array_equal(codec.decompress(file), decoded)
+    if method == "resulic":  # every prompt is the backbone's text condition
+        text = np.load(folder / "empty_prompt_embedding.npy")
+        ids = jax.numpy.asarray(np.stack([model.prompt_ids([320]), model.prompt_ids()]))
+        context = model.encode_text(codec.variables.frozen, ids)
+        np.testing.assert_array_equal(
+            context, np.broadcast_to(text.reshape(1, *text.shape[-2:]), context.shape)
+        )
 
 
 # --- Configs -------------------------------------------------------------------------------
@@ -278,7 +293,7 @@ def test_cpu_backbone_launcher_runs_valid_configs(tmp_path, monkeypatch):
     backbone = str(tmp_path / "runs" / "ldm" / "stage2" / "backbone")
     assert specs[1:] == [
         f"configs/{method}.py:tiny{on},stage={stage}"
-        for method in ("rdeic", "diffcr")
+        for method in ("rdeic", "diffcr", "resulic")
         for on in (f",backbone={backbone}", "")
         for stage in (1, 2)
     ]
@@ -290,4 +305,4 @@ def test_cpu_backbone_launcher_runs_valid_configs(tmp_path, monkeypatch):
         if "backbone=" in spec:
             assert c.model.sd_path == backbone
     evaluations = [c for c in commands if c[1:3] == ["-m", "jaxcodec.evaluate"]]
-    assert len(evaluations) == 7 and commands[-1][1] == "launch/backbone_report.py"
+    assert len(evaluations) == 9 and commands[-1][1] == "launch/backbone_report.py"

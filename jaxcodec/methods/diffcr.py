@@ -63,7 +63,7 @@ from jaxcodec.methods.base import (
     to_float,
     to_uint8,
 )
-from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs
+from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs, text_condition_shape
 from jaxcodec.nn import clip
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn.fase import FaSE, FaSEConfig, ProjLayer
@@ -263,7 +263,7 @@ class DiffCR(Method):
         """UNet, VAE, CLIP and the stage-1 compressor with their logical axes; text and LPIPS
         replicate."""
         n = 2 if self.condition == "clip" else 1
-        text = self._text_shape(n)
+        text = text_condition_shape(self.config.model, self.unet_config, n)
         out = {
             "unet": unet_param_shapes(self.unet_config),
             "vae": vae_param_shapes(self.vae_config),
@@ -281,14 +281,6 @@ class DiffCR(Method):
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), lpips_params("alex")
             )
         return out
-
-    def _text_shape(self, n: int) -> tuple[int, ...]:
-        """(n, tokens, width): the stored empty-prompt embedding's, else SD 2.x's 77 tokens."""
-        path = Path(self.config.model.sd_path or ".") / dw.TEXT_CONDITION_NAMES[0]
-        if n == 1 and self.config.model.sd_path and path.is_file():
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-            return tuple(shape) if len(shape) == 3 else (1, *shape)
-        return (n, 77, self.unet_config.cross_attention_dim)
 
     def init_from(self, previous) -> StageStart:
         if self.stage != 2:

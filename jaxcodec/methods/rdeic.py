@@ -96,6 +96,16 @@ def latent_scale(model: Any, vae: VAEConfig) -> float:
     return float(model.scale_factor) or vae.scaling_factor
 
 
+def text_condition_shape(model: Any, unet: UNetConfig, n: int = 1) -> tuple[int, int, int]:
+    """(n, tokens, width) of a backbone's text condition: its stored empty-prompt embedding's
+    (n = 1: a backbone trained by configs/ldm.py has its own token count), else SD 2.x's 77."""
+    path = Path(model.sd_path or ".") / dw.TEXT_CONDITION_NAMES[0]
+    if n == 1 and model.sd_path and path.is_file():
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        return tuple(shape) if len(shape) == 3 else (1, *shape)
+    return (n, 77, unet.cross_attention_dim)
+
+
 def fast_key(rng: jax.Array) -> jax.Array:
     """An RBG key (XLA's RngBitGenerator) seeded by one draw of ``rng``: the many random ops of
     initialisation and of the rate proxy compile ~3× faster than with threefry on a CPU (their
@@ -208,7 +218,9 @@ class RDEIC(Method):
         out = {
             "unet": unet_param_shapes(self.unet_config),
             "vae": vae_param_shapes(self.vae_config),
-            "text": jax.ShapeDtypeStruct(self._text_shape(), jnp.float32),
+            "text": jax.ShapeDtypeStruct(
+                text_condition_shape(self.config.model, self.unet_config), jnp.float32
+            ),
         }
         if self.stage == 2:
             from jaxcodec.metrics.lpips import lpips_params
@@ -217,14 +229,6 @@ class RDEIC(Method):
                 lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), lpips_params("alex")
             )
         return out
-
-    def _text_shape(self) -> tuple[int, ...]:
-        """The stored empty-prompt embedding's shape, else SD 2.x's (1, 77, width)."""
-        path = Path(self.config.model.sd_path or ".") / dw.TEXT_CONDITION_NAMES[0]
-        if self.config.model.sd_path and path.is_file():
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-            return tuple(shape) if len(shape) == 3 else (1, *shape)
-        return (1, 77, self.unet_config.cross_attention_dim)
 
     def init_from(self, previous) -> StageStart:
         if self.stage != 2:

@@ -57,7 +57,7 @@ from jaxcodec.methods.base import (
     to_float,
     to_uint8,
 )
-from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs
+from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs, text_condition_shape
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn.clip import TextConfig, TextTransformer, text_param_shapes
 from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
@@ -69,21 +69,45 @@ from jaxcodec.weights import diffusers as dw
 MAX_START = 999  # the last index of SD's 1000-step schedule
 
 
-def text_tower_spec(sd_path: str) -> tuple[TextConfig, int]:
+def text_tower_spec(sd_path: str) -> tuple[TextConfig | None, int]:
     """The text tower of an SD folder (its config from the checkpoint's headers, nothing
     loaded) and the block SD 2.x reads (-1 for a diffusers ``CLIPTextModel``, already cut below
-    the last block; -2 for an open_clip tower); SD 2.1's shapes without a folder."""
+    the last block; -2 for an open_clip tower); SD 2.1's shapes without a folder. None for a
+    folder with only the empty prompt's embedding (a backbone trained by configs/ldm.py)."""
     from jaxcodec.weights import open_clip as oc
 
     if not sd_path:
         return TextConfig(layers=23, output_dim=None), -1
     folder = Path(sd_path) / "text_encoder"
     if not folder.is_dir():
-        raise FileNotFoundError(f"model.sd_path={sd_path} has no text_encoder/ (CLIP text tower)")
+        if any((Path(sd_path) / n).is_file() for n in dw.TEXT_CONDITION_NAMES):
+            return None, -1
+        raise FileNotFoundError(
+            f"model.sd_path={sd_path} has no text_encoder/ (CLIP text tower) and no "
+            f"{dw.TEXT_CONDITION_NAMES[0]} (the empty prompt's embedding)"
+        )
     keys = oc.checkpoint_keys(folder)
     bare_hf = oc.detect_naming(dict.fromkeys(keys)) == "transformers"
     bare_hf = bare_hf and "text_projection.weight" not in keys
     return oc.read_config(folder, keys).text, (-1 if bare_hf else -2)
+
+
+def check_captions_off(config) -> None:
+    """A backbone without a text tower conditions on the empty prompt alone: refuse settings
+    that would silently drop captions."""
+    encode = config.get("encode", {})
+    used = {
+        "data.captions": config.data.get("captions", ""),
+        "encode.captions": encode.get("captions", ""),
+        "encode.prompt_search.enabled": encode.get("prompt_search", {}).get("enabled", False),
+    }
+    used = [k for k, v in used.items() if v]
+    if used:
+        raise ValueError(
+            f"model.sd_path={config.model.sd_path} has no text_encoder/ (only the empty prompt's "
+            f"embedding): {', '.join(used)} need a CLIP text tower; unset them "
+            "(configs/resulic.py:tiny,backbone=DIR does)"
+        )
 
 
 def check_sampler(steps: int, start: int) -> None:
@@ -113,11 +137,14 @@ class ResULIC(Method):
         self.adapter_config = ControlAdapterConfig.resulic(
             m.adapter.size_ratio, m.adapter.head_channels, hint_channels=latent
         )
+        # No text tower (a backbone trained here): the empty prompt is the only condition.
         self.text_config, self.text_layer = text_tower_spec(m.sd_path)
+        if self.text_config is None:
+            check_captions_off(config)
         self.vae = AutoencoderKL(self.vae_config)
         self.controlled = ControlledUNet(self.unet_config, self.adapter_config)
         self.compressor = lc.LatentCompressor(self.compressor_config)
-        self.text = TextTransformer(self.text_config)
+        self.text = None if self.text_config is None else TextTransformer(self.text_config)
         self.schedule = scaled_linear_schedule()
         self.start = int(m.add_steps)  # N: the forward process's start index
         check_sampler(int(config.decode.steps), self.start)
@@ -150,12 +177,19 @@ class ResULIC(Method):
 
             return jax.tree.map(np.asarray, nn.unbox(load_prompt_encoder(root).params))
 
+        if self.text is None:
+            from jaxcodec.nn.text import encode_prompt
+
+            text = lambda: np.asarray(encode_prompt("", root), np.float32)  # noqa: E731
         parts = {
             "unet": Pretrained(
                 str(root / "unet"), lambda: nn.unbox(dw.load_unet(root / "unet", **kw)[1])
             ),
             "vae": Pretrained(str(root / "vae"), lambda: nn.unbox(dw.load_vae(root / "vae")[1])),
-            "text": Pretrained(str(root / "text_encoder"), text),
+            "text": Pretrained(
+                str(root / "text_encoder") if self.text is not None else f"{root} (empty prompt)",
+                text,
+            ),
         }
         if self.stage == 2:
             parts["lpips"] = lpips_loss_part()
@@ -166,7 +200,11 @@ class ResULIC(Method):
         out = {
             "unet": unet_param_shapes(self.unet_config),
             "vae": vae_param_shapes(self.vae_config),
-            "text": text_param_shapes(self.text_config),
+            "text": text_param_shapes(self.text_config)
+            if self.text is not None
+            else jax.ShapeDtypeStruct(
+                text_condition_shape(self.config.model, self.unet_config), jnp.float32
+            ),
         }
         if self.stage == 2:
             from jaxcodec.metrics.lpips import lpips_params
@@ -193,7 +231,7 @@ class ResULIC(Method):
             return tok(d.negative_prompt)[0]
         suffix = tok.encode(f", {d.positive_prompt}" if tokens else d.positive_prompt)
         body = [*(tokens or []), *suffix][: text_coder.MAX_TOKENS]
-        ids = np.zeros(self.text_config.context_length, np.int32)
+        ids = np.zeros(self.text_config.context_length if self.text is not None else 77, np.int32)
         ids[: len(body) + 2] = [tok.sot_token_id, *body, tok.eot_token_id]
         return ids
 
@@ -203,7 +241,11 @@ class ResULIC(Method):
         return text_coder.MAX_TOKENS - len(default_tokenizer().encode(f", {d.positive_prompt}"))
 
     def encode_text(self, frozen, ids: jax.Array) -> jax.Array:
-        """ids [B, 77] → the UNet's context [B, 77, width] (SD 2.x's hidden block)."""
+        """ids [B, 77] → the UNet's context [B, 77, width] (SD 2.x's hidden block); without a
+        text tower, the empty prompt's embedding for every row."""
+        if self.text is None:
+            empty = frozen["text"]
+            return jnp.broadcast_to(empty[:1], (ids.shape[0], *empty.shape[1:]))
         out = self.text.apply({"params": frozen["text"]}, ids, self.text_layer)
         return out.hidden.astype(jnp.float32)
 
