@@ -227,10 +227,11 @@ def _rdeic_rows(stage, codec, data, decoded, original):
     coder = codec.coder
     header, streams = codec._unpack(data)
     hw = padded_size((header.height, header.width), coder.stride)
+    index, q = coder._rate(codec.tables, header.options)  # (None, None) at a fixed rate
     y_hat, _ = coder.latent.decode(
-        codec.tables, streams, (hw[0] // coder.stride, hw[1] // coder.stride)
+        codec.tables, streams, (hw[0] // coder.stride, hw[1] // coder.stride), index
     )
-    z_c, _ = coder._synthesise(codec.variables.params, jnp.asarray(y_hat)[None])
+    z_c, _ = coder._synthesise(codec.variables.params, jnp.asarray(y_hat)[None], q)
     base = np.asarray(coder._vae_decode(codec.variables.frozen, z_c))[0]
     n = stage[-1]
     rows = [
