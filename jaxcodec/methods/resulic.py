@@ -173,14 +173,12 @@ class ResULIC(Method):
         kw = dict(dtype=self.unet_config.dtype, remat=self.unet_config.remat)
 
         def text():
-            from jaxcodec.nn.text import load_prompt_encoder
+            from jaxcodec.nn.text import encode_prompt, load_prompt_encoder
 
+            if self.text is None:  # the backbone's stored text condition
+                return np.asarray(encode_prompt("", root), np.float32)
             return jax.tree.map(np.asarray, nn.unbox(load_prompt_encoder(root).params))
 
-        if self.text is None:
-            from jaxcodec.nn.text import encode_prompt
-
-            text = lambda: np.asarray(encode_prompt("", root), np.float32)  # noqa: E731
         parts = {
             "unet": Pretrained(
                 str(root / "unet"), lambda: nn.unbox(dw.load_unet(root / "unet", **kw)[1])
