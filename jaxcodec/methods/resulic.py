@@ -61,7 +61,7 @@ from jaxcodec.methods.rdeic import fast_key, latent_scale, sd_configs, text_cond
 from jaxcodec.nn import latent_compressor as lc
 from jaxcodec.nn.clip import TextConfig, TextTransformer, text_param_shapes
 from jaxcodec.nn.control import ControlAdapterConfig, ControlledUNet
-from jaxcodec.nn.text import default_tokenizer
+from jaxcodec.nn.text import CONTEXT_LENGTH, default_tokenizer
 from jaxcodec.nn.unet import unet_param_shapes
 from jaxcodec.nn.vae import AutoencoderKL, vae_param_shapes
 from jaxcodec.weights import diffusers as dw
@@ -229,7 +229,8 @@ class ResULIC(Method):
             return tok(d.negative_prompt)[0]
         suffix = tok.encode(f", {d.positive_prompt}" if tokens else d.positive_prompt)
         body = [*(tokens or []), *suffix][: text_coder.MAX_TOKENS]
-        ids = np.zeros(self.text_config.context_length if self.text is not None else 77, np.int32)
+        length = CONTEXT_LENGTH if self.text is None else self.text_config.context_length
+        ids = np.zeros(length, np.int32)
         ids[: len(body) + 2] = [tok.sot_token_id, *body, tok.eot_token_id]
         return ids
 
