@@ -756,8 +756,9 @@ class _MetricLog:
         self.history: list[dict[str, float]] = []
         self.streak = 0  # consecutive non-finite steps, read from the metrics at log time
 
-    def flush(self, step: int, state: TrainState, rate: float, speed) -> None:
-        fetched = jax.device_get(self.pending)
+    def flush(self, step: int, state: TrainState, clock: _Clock, speed) -> None:
+        fetched = jax.device_get(self.pending)  # waits for the interval's steps to finish
+        rate = clock.lap(step)  # after the wait: dispatch alone runs ahead of the steps
         self.pending = []
         self._check_finite(fetched)
         logged = _mean_metrics(fetched)
@@ -848,7 +849,7 @@ def _loop(run: _Run, state, start_step: int, step_fn, batches, on_step) -> _Loop
                 hook(step)
             log.pending.append(metrics)
             if step % config.log_every == 0 or step == total_steps or preemption.requested:
-                log.flush(step, state, end.clock.lap(step), speed)
+                log.flush(step, state, end.clock, speed)
 
             t_pause = time.perf_counter()
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
