@@ -31,7 +31,7 @@ HEAVY_FIRST = (
     "test_resulic.py",  # 220: both stages with captions, prompt search
     "test_diffo.py",  # 215: both stages, two rate points
     "test_hfd.py",  # 200: both stages, η sweep, seams
-    "test_fit_check.py",  # 175: HFD's memorisation check, 150 + 800 steps
+    "test_fit_check.py",  # 150: HFD's memorisation check, 150 + 400 steps
     "test_ldm.py",  # 160: the backbone, RDEIC on it
     "test_rdeic.py",  # 160: both stages, fresh-process files
     "test_diffcr.py",  # 125: both stages, fresh-process files

@@ -199,7 +199,11 @@ def test_sd_method_tiny_on_the_backbone_loads_and_codes(method, backbone, tmp_pa
     model = get_method(c)
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert model.scale == pytest.approx(vae_config["scaling_factor"])
-    variables = jit_init(model.init, jax.random.key(0), model.dummy_batch(1))
+    if method == "rdeic":
+        variables = jit_init(model.init, jax.random.key(0), model.dummy_batch(1))
+    else:  # no file: the shapes, as zeros, save and load the same (no init to compile)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), model.dummy_batch(1))
+        variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     params = variables.pop("params")
     save_codec(tmp_path / method, c, params, variables)
 
