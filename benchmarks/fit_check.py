@@ -251,9 +251,9 @@ def _rdeic_rows(stage, codec, data, decoded, original):
 
 
 FIT_CHECKS: dict[str, FitCheck] = {
-    # Training time on a 2-core Xeon VM: HFD 4×64², 1000 + 3000 steps: 15.6 min (with 1500
-    # stage-2 steps, 8.5 min, it did not yet beat stage 1); DiffO 4×128², 1000 + 1000: 19.8 min
-    # (so 600 + 600); RDEIC 4×128², 1000 + 300: 11.6 min.
+    # Measured on a 2-core VM: HFD 4×64², 1000 + 3000 steps: 15.6 min (with 1500 stage-2 steps,
+    # 8.5 min, it did not yet beat stage 1); DiffO 4×128², 600 + 600: 14.4 min in all (1000 +
+    # 1000: 19.8); RDEIC 4×128², 1000 + 300: 11.6 min.
     "hfd": FitCheck(_hfd_configs, _hfd_rows, steps=(1000, 3000), size=64),
     "diffo": FitCheck(_diffo_configs, _diffo_rows, steps=(600, 600)),
     "rdeic": FitCheck(_rdeic_configs, _rdeic_rows, steps=(1000, 300)),
