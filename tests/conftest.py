@@ -26,12 +26,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # one file per worker (`--dist loadfile --no-loadscope-reorder`) the heavy ones then overlap
 # instead of one of them finishing alone at the end. The rest follow in name order.
 HEAVY_FIRST = (
+    "test_hfd.py",  # 300: the fit check (both stages, 150 + 400 steps), η sweep, seams
     "test_train.py",  # 270: eight devices, CLI resume, SIGKILL resume
     "test_sharding.py",  # 230: FSDP 8 vs 1 device, remat
     "test_resulic.py",  # 220: both stages with captions, prompt search
     "test_diffo.py",  # 215: both stages, two rate points
-    "test_hfd.py",  # 200: both stages, η sweep, seams
-    "test_fit_check.py",  # 150: HFD's memorisation check, 150 + 400 steps
     "test_ldm.py",  # 160: the backbone, RDEIC on it
     "test_rdeic.py",  # 160: both stages, fresh-process files
     "test_diffcr.py",  # 125: both stages, fresh-process files

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +33,11 @@ def ctx_model():
     model = context.SpaceChannelContext(GROUPS)
     y = jax.random.normal(jax.random.key(0), (1, 6, 6, 24)) * 3
     hyper = jax.random.normal(jax.random.key(1), (1, 6, 6, 48))
-    init = jax.jit(lambda: model.init({"params": jax.random.key(2)}, y, hyper, train=False))
-    params = nn.unbox(init()["params"])  # without the logical-axis boxes
+
+    def init(key):
+        return model.init({"params": key}, y, hyper, train=False)
+
+    params = jit_init(init, jax.random.key(2))["params"]  # without the logical-axis boxes
     return model, params, y, hyper
 
 

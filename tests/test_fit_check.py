@@ -1,6 +1,6 @@
 """The parts of benchmarks/fit_check.py the main command shares: a multi-stage workdir stands
-for its last finished stage; the main command's stage table. (The two-stage workdir through
-the CLI: tests/test_hfd.py.)"""
+for its last finished stage; the main command's stage table. (HFD's fit check itself, whose
+two-stage workdir the main command's tests use through the CLI: tests/test_hfd.py.)"""
 
 import pytest
 
@@ -50,67 +50,3 @@ def test_stage_comparison_puts_the_stages_side_by_side():
     assert lines[3].startswith("stage 2 ") and lines[3].split()[-2:] == ["0.3000", "0.1500"]
     assert lines[-1].endswith("x.png")
     assert stage_comparison([(2, two)]) is None
-
-
-# --- The memorisation check, at micro size ---------------------------------------------------
-
-# HFD with a small hyperprior autoencoder (its EMA short enough for a short run) and a two-level
-# score decoder without attention, trained on 2 crops of 64² (scikit-image's astronaut and coffee)
-# for FAST_STEPS, every crop without decode-time context: the crop is one patch, decoded without
-# context, and the tiny config's 0.75 spends three quarters of a short run on the other task.
-# Measured alone on 2 cores (8 host devices, as here): 90 s, the decoder's LPIPS 0.171 against
-# stage 1's 0.226 (1 host device, whose rounding trains other weights: 0.174 against 0.214).
-# With the context share at 0.75 it took 800 steps (172 s) to win by 0.043.
-FAST_STEPS = (150, 400)
-FAST_SET = (
-    "model.N=16",
-    "model.M=16",
-    "model.entropy_model=hyperprior",
-    "optimizer.lr=3e-3",
-    "ema_decay=0.9",
-    "decoder.unet.block_out_channels=(16,32)",
-    "decoder.unet.down_block_types=('DownBlock2D','DownBlock2D')",
-    "decoder.unet.up_block_types=('UpBlock2D','UpBlock2D')",
-    "decoder.unet.attention_head_dim=(1,1)",
-    "decoder.context_probability=0.0",
-    "stage2.optimizer.lr=2e-3",
-)
-
-
-def test_hfd_score_decoder_reproduces_its_training_crops(tmp_path):
-    """benchmarks/fit_check.py --method hfd at micro size: both stages trained on 2 crops, then
-    real files of those crops. A score decoder whose chain is right (schedule, v read the same
-    way by the loss and the sampler, the reconstruction wired as its condition, EMA weights
-    decoded) reproduces its training crops better than the stage-1 reconstruction it refines;
-    one with a bug in that chain does not, however long it trains."""
-    import json
-    import sys
-
-    from PIL import Image
-    from skimage import data
-
-    from jaxcodec.configlib import PROJECT_ROOT
-
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    import fit_check
-
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).save(photos / f"{name}.png")
-    out = tmp_path / "fit"
-    argv = ["--method", "hfd", "--out", str(out), "--photos", str(photos), "--crops", "2"]
-    argv += ["--size", "64", "--steps1", str(FAST_STEPS[0]), "--steps2", str(FAST_STEPS[1])]
-    for field in FAST_SET:
-        argv += ["--set", field]
-    code = fit_check.main(argv)
-    result = json.loads((out / "fit_check.json").read_text())
-    rows = {r["label"]: r for r in result["table"]}
-    stage1, base = rows["stage 1: MSE autoencoder"], rows["stage 2's file, stage-1 decode"]
-    generative = rows["stage 2: score decoder"]
-    # Stage 1 is a real codec on these crops, and stage 2's file carries the same streams.
-    assert stage1["psnr"] > 20.0 and base["psnr"] == pytest.approx(stage1["psnr"], abs=1e-9)
-    assert base["bpp"] == pytest.approx(generative["bpp"], abs=1e-12)
-    # The score decoder beats it in LPIPS by a margin well above numerical noise.
-    assert generative["lpips"] < base["lpips"] - 0.02, result["verdicts"]
-    assert code == (0 if result["verdicts"][0]["wins"] else 1)
