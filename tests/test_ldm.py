@@ -14,6 +14,7 @@ import pytest
 
 from jaxcodec.configlib import load_config
 from jaxcodec.nn import discriminator as gan
+from jaxcodec.train_shapes import jit_init
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_backbone import make_micro_backbone  # noqa: E402
@@ -28,7 +29,7 @@ def test_adversarial_gradients_land_on_their_own_player():
     real = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1.0, maxval=1.0)
     params = {
         "gen": {"a": jnp.asarray(0.7), "b": jnp.full((3,), 0.1)},
-        "disc": disc.init(jax.random.key(1), real)["params"],
+        "disc": jit_init(disc.init, jax.random.key(1), real)["params"],  # one program
     }
     w = 0.3
 
@@ -185,7 +186,6 @@ def test_sd_method_tiny_on_the_backbone_loads_and_codes(method, backbone, tmp_pa
 
     from jaxcodec.codec import load_codec, save_codec
     from jaxcodec.methods import get_method
-    from jaxcodec.train import jit_init
 
     folder = backbone["folder"]
     c = load_config(f"configs/{method}.py:tiny,backbone={folder}")
