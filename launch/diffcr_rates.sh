@@ -7,11 +7,16 @@
 #     launch/diffcr_rates.sh runs/diffcr [extra flags]
 # Extra flags go to every training run (e.g. --config.total_steps=1000); without CLIP the UNet's
 # context is the empty prompt (--config.model.condition=empty_prompt); VARIANT=tiny for a smoke
-# run on a CPU (then SD, CLIP and DATA are not needed); LAMBDAS overrides the rate points.
+# run on a CPU (then SD, CLIP and DATA are not needed; its backbone is random unless BACKBONE
+# names one trained by configs/ldm.py, WORKDIR/stage2/backbone); LAMBDAS overrides the rate points.
 set -euo pipefail
 root="${1:?root directory for the runs}"; shift
 variant="${VARIANT:-full}"
 python="${PYTHON:-python}"
+if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
+  echo "BACKBONE is for VARIANT=tiny (a folder from configs/ldm.py); full runs take SD" >&2; exit 2
+fi
+spec="$variant${BACKBONE:+,backbone=$BACKBONE}"
 common=()
 if [[ "$variant" != tiny ]]; then
   : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
@@ -25,9 +30,9 @@ fi
 runs=()
 for lambda_r in ${LAMBDAS:-1 0.5 0.25 0.1}; do
   dir="$root/lambda_$lambda_r"
-  "$python" -m jaxcodec.train --config "configs/diffcr.py:$variant,stage=1,lambda_r=$lambda_r" \
+  "$python" -m jaxcodec.train --config "configs/diffcr.py:$spec,stage=1,lambda_r=$lambda_r" \
     --workdir "$dir/stage1" ${common[@]+"${common[@]}"} "$@"
-  "$python" -m jaxcodec.train --config "configs/diffcr.py:$variant,stage=2,lambda_r=$lambda_r" \
+  "$python" -m jaxcodec.train --config "configs/diffcr.py:$spec,stage=2,lambda_r=$lambda_r" \
     --workdir "$dir/stage2" --config.init_from="$dir/stage1" ${common[@]+"${common[@]}"} "$@"
   runs+=("$dir/stage2")
 done

@@ -4,11 +4,16 @@
 # evaluated on one folder of images with the steps it was fine-tuned for.
 #   SD=/path/to/stable-diffusion-2-1-base DATA=/path/to/train/photos launch/rdeic_rates.sh runs/rdeic [extra flags]
 # Extra flags go to every training run (e.g. --config.total_steps=1000); VARIANT=tiny for a
-# smoke run on a CPU (then SD and DATA are not needed); LAMBDAS overrides the rate points.
+# smoke run on a CPU (then SD and DATA are not needed; its backbone is random unless BACKBONE
+# names one trained by configs/ldm.py, WORKDIR/stage2/backbone); LAMBDAS overrides the rate points.
 set -euo pipefail
 root="${1:?root directory for the runs}"; shift
 variant="${VARIANT:-full}"
 python="${PYTHON:-python}"
+if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
+  echo "BACKBONE is for VARIANT=tiny (a folder from configs/ldm.py); full runs take SD" >&2; exit 2
+fi
+spec="$variant${BACKBONE:+,backbone=$BACKBONE}"
 common=()
 if [[ "$variant" != tiny ]]; then
   : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
@@ -17,9 +22,9 @@ fi
 runs=()
 for lambda_r in ${LAMBDAS:-2 1 0.5 0.25 0.1}; do
   dir="$root/lambda_$lambda_r"
-  "$python" -m jaxcodec.train --config "configs/rdeic.py:$variant,stage=1,lambda_r=$lambda_r" \
+  "$python" -m jaxcodec.train --config "configs/rdeic.py:$spec,stage=1,lambda_r=$lambda_r" \
     --workdir "$dir/stage1" "${common[@]}" "$@"
-  "$python" -m jaxcodec.train --config "configs/rdeic.py:$variant,stage=2,lambda_r=$lambda_r" \
+  "$python" -m jaxcodec.train --config "configs/rdeic.py:$spec,stage=2,lambda_r=$lambda_r" \
     --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@"
   runs+=("$dir/stage2")
 done

@@ -8,11 +8,16 @@
 # CAPTIONS (optional) is a JSON {image name: caption} of the training photos; EVAL_CAPTIONS
 # (optional) one of the evaluation images, coded into their files. Extra flags go to every
 # training run (e.g. --config.total_steps=1000); VARIANT=tiny for a smoke run on a CPU (then
-# SD and DATA are not needed); ADD_STEPS overrides the rate points.
+# SD and DATA are not needed; its backbone is random unless BACKBONE names one trained by
+# configs/ldm.py, WORKDIR/stage2/backbone); ADD_STEPS overrides the rate points.
 set -euo pipefail
 root="${1:?root directory for the runs}"; shift
 variant="${VARIANT:-full}"
 python="${PYTHON:-python}"
+if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
+  echo "BACKBONE is for VARIANT=tiny (a folder from configs/ldm.py); full runs take SD" >&2; exit 2
+fi
+spec="$variant${BACKBONE:+,backbone=$BACKBONE}"
 common=()
 if [[ "$variant" != tiny ]]; then
   : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
@@ -23,9 +28,9 @@ if [[ -n "${EVAL_CAPTIONS:-}" ]]; then common+=(--config.encode.captions="$EVAL_
 runs=()
 for steps in ${ADD_STEPS:-50 100 150 200 300 405 495 600 705 795}; do
   dir="$root/add_$steps"
-  "$python" -m jaxcodec.train --config "configs/resulic.py:$variant,stage=1,add_steps=$steps" \
+  "$python" -m jaxcodec.train --config "configs/resulic.py:$spec,stage=1,add_steps=$steps" \
     --workdir "$dir/stage1" "${common[@]}" "$@"
-  "$python" -m jaxcodec.train --config "configs/resulic.py:$variant,stage=2,add_steps=$steps" \
+  "$python" -m jaxcodec.train --config "configs/resulic.py:$spec,stage=2,add_steps=$steps" \
     --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@"
   runs+=("$dir/stage2")
 done

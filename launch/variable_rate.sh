@@ -4,8 +4,9 @@
 # target sizes, from real files.
 #   DATA=/path/to/train/photos SD=/path/to/stable-diffusion-2-1-base launch/variable_rate.sh runs/vr [extra flags]
 # VARIANT=tiny (default full) for a CPU-sized run (then SD is not needed; DATA defaults to the
-# photos inside scikit-image), KIND=affine for the λ-embedding modulation instead of gain
-# units, METHODS="hfd" or "rdeic" for one of them, QUALITIES / TARGETS for the evaluation.
+# photos inside scikit-image; RDEIC's backbone is random unless BACKBONE names one trained by
+# configs/ldm.py, WORKDIR/stage2/backbone), KIND=affine for the λ-embedding modulation instead
+# of gain units, METHODS="hfd" or "rdeic" for one of them, QUALITIES / TARGETS for the evaluation.
 # Extra flags go to every training run (e.g. --config.total_steps=1000).
 # To compare against fixed-rate models trained for the same steps, see
 # benchmarks/variable_rate.py (launch/sweep_lambda.sh and launch/rdeic_rates.sh train those).
@@ -14,6 +15,9 @@ root="${1:?root directory for the runs}"; shift
 variant="${VARIANT:-full}"
 kind="${KIND:-gain}"
 python="${PYTHON:-python}"
+if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
+  echo "BACKBONE is for VARIANT=tiny (a folder from configs/ldm.py); full runs take SD" >&2; exit 2
+fi
 eval_data="${EVAL_DATA:-../shared/data/kodak}"
 qualities=(${QUALITIES:-0 20 40 60 80 100})
 targets=(${TARGETS:-0.1 0.2 0.3 0.4})
@@ -41,7 +45,7 @@ for method in ${METHODS:-hfd rdeic}; do
         from=()
         [[ $stage == 2 ]] && from+=(--config.init_from="$dir/stage1")
         "$python" -m jaxcodec.train \
-          --config "configs/rdeic.py:$variant,stage=$stage,variable_rate=1,rate_kind=$kind" \
+          --config "configs/rdeic.py:$variant${BACKBONE:+,backbone=$BACKBONE},stage=$stage,variable_rate=1,rate_kind=$kind" \
           --workdir "$dir/stage$stage" "${from[@]}" "${sd[@]}" "${data[@]}" "$@"
       done
       models=("$dir/stage2")

@@ -204,3 +204,26 @@ def test_launcher_trains_every_rate_point(tmp_path):
     assert [a for a in evaluate if a.endswith("/stage2")] == [
         f"{root}/lambda_{lam}/stage2" for lam in ("1", "0.5", "0.25", "0.1")
     ]
+
+
+def test_launchers_take_a_trained_backbone_for_tiny_and_refuse_it_for_full(tmp_path):
+    """BACKBONE (a configs/ldm.py folder) reaches every training command of the rate launchers
+    as the tiny config's `backbone=`; with the full variant it is refused before any run."""
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    stub.chmod(0o755)
+    backbone = tmp_path / "ldm" / "stage2" / "backbone"
+    for script in ("diffcr_rates.sh", "rdeic_rates.sh", "resulic_rates.sh", "variable_rate.sh"):
+        log.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHON=str(stub), VARIANT="tiny", BACKBONE=str(backbone),
+                   METHODS="rdeic", LAMBDAS="0.5", ADD_STEPS="50")  # fmt: skip
+        subprocess.run(["bash", f"launch/{script}", str(tmp_path / script)],
+                       check=True, env=env, cwd=ROOT, timeout=30)  # fmt: skip
+        trains = [c for c in log.read_text().splitlines() if c.startswith("-m jaxcodec.train")]
+        assert len(trains) == 2, (script, trains)
+        assert all(f"tiny,backbone={backbone},stage=" in c for c in trains), (script, trains)
+        refused = subprocess.run(["bash", f"launch/{script}", str(tmp_path / "full")],
+                                 env=dict(env, VARIANT="full"), cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30)  # fmt: skip
+        assert refused.returncode == 2 and "BACKBONE is for VARIANT=tiny" in refused.stderr
