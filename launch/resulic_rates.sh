@@ -7,7 +7,8 @@
 #     launch/resulic_rates.sh runs/resulic [extra flags]
 # CAPTIONS (optional) is a JSON {image name: caption} of the training photos; EVAL_CAPTIONS
 # (optional) one of the evaluation images, coded into their files. Extra flags go to every
-# training run (e.g. --config.total_steps=1000); VARIANT=tiny for a smoke run on a CPU (then
+# training run (e.g. --config.total_steps=1000), STEPS1 / STEPS2 to stage 1's / stage 2's alone
+# (they win over the extra flags' total_steps); VARIANT=tiny for a smoke run on a CPU (then
 # SD and DATA are not needed; its backbone is random unless BACKBONE names one trained by
 # configs/ldm.py, WORKDIR/stage2/backbone); ADD_STEPS overrides the rate points.
 set -euo pipefail
@@ -18,6 +19,8 @@ if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
   echo "BACKBONE is for VARIANT=tiny (a folder from configs/ldm.py); full runs take SD" >&2; exit 2
 fi
 spec="$variant${BACKBONE:+,backbone=$BACKBONE}"
+steps1=(${STEPS1:+--config.total_steps=$STEPS1})
+steps2=(${STEPS2:+--config.total_steps=$STEPS2})
 common=()
 if [[ "$variant" != tiny ]]; then
   : "${SD:?set SD to a local diffusers SD 2.1-base folder}" "${DATA:?set DATA to a folder of training photos}"
@@ -29,9 +32,10 @@ runs=()
 for steps in ${ADD_STEPS:-50 100 150 200 300 405 495 600 705 795}; do
   dir="$root/add_$steps"
   "$python" -m jaxcodec.train --config "configs/resulic.py:$spec,stage=1,add_steps=$steps" \
-    --workdir "$dir/stage1" "${common[@]}" "$@"
+    --workdir "$dir/stage1" "${common[@]}" "$@" ${steps1[@]+"${steps1[@]}"}
   "$python" -m jaxcodec.train --config "configs/resulic.py:$spec,stage=2,add_steps=$steps" \
-    --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@"
+    --workdir "$dir/stage2" --config.init_from="$dir/stage1" "${common[@]}" "$@" \
+    ${steps2[@]+"${steps2[@]}"}
   runs+=("$dir/stage2")
 done
 "$python" -m jaxcodec.evaluate --checkpoint "${runs[@]}" --data "${EVAL_DATA:-../shared/data/kodak}" \

@@ -7,7 +7,8 @@
 # photos inside scikit-image; RDEIC's backbone is random unless BACKBONE names one trained by
 # configs/ldm.py, WORKDIR/stage2/backbone), KIND=affine for the λ-embedding modulation instead
 # of gain units, METHODS="hfd" or "rdeic" for one of them, QUALITIES / TARGETS for the evaluation.
-# Extra flags go to every training run (e.g. --config.total_steps=1000).
+# Extra flags go to every training run (e.g. --config.total_steps=1000), STEPS1 / STEPS2 to
+# stage 1's / stage 2's alone (they win over the extra flags' total_steps).
 # To compare against fixed-rate models trained for the same steps, see
 # benchmarks/variable_rate.py (launch/sweep_lambda.sh and launch/rdeic_rates.sh train those).
 set -euo pipefail
@@ -20,6 +21,9 @@ if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
 fi
 eval_data="${EVAL_DATA:-../shared/data/kodak}"
 qualities=(${QUALITIES:-0 20 40 60 80 100})
+steps1=(${STEPS1:+--config.total_steps=$STEPS1})
+steps2=(${STEPS2:+--config.total_steps=$STEPS2})
+hfd_steps2=(${STEPS2:+--config.stage2.total_steps=$STEPS2})  # HFD: both stages in one run
 targets=(${TARGETS:-0.1 0.2 0.3 0.4})
 data=()
 if [[ -n "${DATA:-}" ]]; then
@@ -32,7 +36,8 @@ for method in ${METHODS:-hfd rdeic}; do
   case "$method" in
     hfd)
       "$python" -m jaxcodec.train --config "configs/hfd.py:$variant,variable_rate=1,rate_kind=$kind" \
-        --workdir "$dir" "${data[@]}" "$@"
+        --workdir "$dir" "${data[@]}" "$@" ${steps1[@]+"${steps1[@]}"} \
+        ${hfd_steps2[@]+"${hfd_steps2[@]}"}
       models=("$dir/stage1" "$dir/stage2")
       ;;
     rdeic)
@@ -42,11 +47,12 @@ for method in ${METHODS:-hfd rdeic}; do
         sd+=(--config.model.sd_path="$SD")
       fi
       for stage in 1 2; do
-        from=()
-        [[ $stage == 2 ]] && from+=(--config.init_from="$dir/stage1")
+        from=() steps=(${steps1[@]+"${steps1[@]}"})
+        [[ $stage == 2 ]] && from+=(--config.init_from="$dir/stage1") steps=(${steps2[@]+"${steps2[@]}"})
         "$python" -m jaxcodec.train \
           --config "configs/rdeic.py:$variant${BACKBONE:+,backbone=$BACKBONE},stage=$stage,variable_rate=1,rate_kind=$kind" \
-          --workdir "$dir/stage$stage" "${from[@]}" "${sd[@]}" "${data[@]}" "$@"
+          --workdir "$dir/stage$stage" "${from[@]}" "${sd[@]}" "${data[@]}" "$@" \
+          ${steps[@]+"${steps[@]}"}
       done
       models=("$dir/stage2")
       ;;

@@ -206,24 +206,44 @@ def test_launcher_trains_every_rate_point(tmp_path):
     ]
 
 
-def test_launchers_take_a_trained_backbone_for_tiny_and_refuse_it_for_full(tmp_path):
+def test_rate_launchers_take_a_trained_backbone_and_steps_per_stage(tmp_path):
     """BACKBONE (a configs/ldm.py folder) reaches every training command of the rate launchers
-    as the tiny config's `backbone=`; with the full variant it is refused before any run."""
+    as the tiny config's `backbone=`, and is refused before any run with the full variant;
+    STEPS1 / STEPS2 reach stage 1's / stage 2's command alone, after the shared extra flags
+    (absl keeps a flag's last value)."""
     log = tmp_path / "calls.txt"
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     stub.chmod(0o755)
     backbone = tmp_path / "ldm" / "stage2" / "backbone"
+    shared = "--config.total_steps=5"  # an extra flag, for every training run
     for script in ("diffcr_rates.sh", "rdeic_rates.sh", "resulic_rates.sh", "variable_rate.sh"):
         log.unlink(missing_ok=True)
         env = dict(os.environ, PYTHON=str(stub), VARIANT="tiny", BACKBONE=str(backbone),
-                   METHODS="rdeic", LAMBDAS="0.5", ADD_STEPS="50")  # fmt: skip
-        subprocess.run(["bash", f"launch/{script}", str(tmp_path / script)],
+                   METHODS="rdeic", LAMBDAS="0.5", ADD_STEPS="50",
+                   STEPS1="7", STEPS2="9")  # fmt: skip
+        subprocess.run(["bash", f"launch/{script}", str(tmp_path / script), shared],
                        check=True, env=env, cwd=ROOT, timeout=30)  # fmt: skip
         trains = [c for c in log.read_text().splitlines() if c.startswith("-m jaxcodec.train")]
         assert len(trains) == 2, (script, trains)
         assert all(f"tiny,backbone={backbone},stage=" in c for c in trains), (script, trains)
+        for command, steps in zip(trains, ("7", "9"), strict=True):
+            assert command.endswith(f"{shared} --config.total_steps={steps}"), (script, command)
         refused = subprocess.run(["bash", f"launch/{script}", str(tmp_path / "full")],
                                  env=dict(env, VARIANT="full"), cwd=ROOT, capture_output=True,
                                  text=True, timeout=30)  # fmt: skip
         assert refused.returncode == 2 and "BACKBONE is for VARIANT=tiny" in refused.stderr
+    # HFD trains both stages in one run: STEPS2 is its stage-2 block's step count.
+    log.unlink()
+    env = dict(os.environ, PYTHON=str(stub), VARIANT="tiny", METHODS="hfd", STEPS1="7", STEPS2="9")
+    subprocess.run(["bash", "launch/variable_rate.sh", str(tmp_path / "hfd")],
+                   check=True, env=env, cwd=ROOT, timeout=30)  # fmt: skip
+    [train] = [c for c in log.read_text().splitlines() if c.startswith("-m jaxcodec.train")]
+    assert train.endswith("--config.total_steps=7 --config.stage2.total_steps=9"), train
+    # Without them the commands are as before: no step flag of the launcher's own.
+    log.unlink()
+    del env["STEPS1"], env["STEPS2"]
+    subprocess.run(["bash", "launch/variable_rate.sh", str(tmp_path / "hfd2")],
+                   check=True, env=env, cwd=ROOT, timeout=30)  # fmt: skip
+    [train] = [c for c in log.read_text().splitlines() if c.startswith("-m jaxcodec.train")]
+    assert "total_steps" not in train, train
