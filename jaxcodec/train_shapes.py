@@ -117,7 +117,7 @@ def jit_init(init_fn: Callable, *args: Any, out_shardings: Any = None) -> Any:
     output, level 1 above (level 2, XLA's default, spends twice level 1's compile time on the
     random initialisers: HFD tiny 10.4 s against 3.9 s). Levels 1 and 2 give the same arrays
     bit for bit; level 0 rounds the initialisers' float transforms differently, by at most
-    3 ulp (ResULIC tiny: 170 of 882 leaves differ, by at most 3.3e-7 relative)."""
+    a few ulp (ResULIC tiny: 170 of 882 leaves differ, by at most 3.3e-7 relative)."""
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     lowered = jax.jit(lambda *a: nn.unbox(init_fn(*a)), **kw).lower(*args)
     options = None
