@@ -7,8 +7,9 @@
 # photos inside scikit-image; RDEIC's backbone is random unless BACKBONE names one trained by
 # configs/ldm.py, WORKDIR/stage2/backbone), KIND=affine for the λ-embedding modulation instead
 # of gain units, METHODS="hfd" or "rdeic" for one of them, QUALITIES / TARGETS for the evaluation.
-# Extra flags go to every training run (e.g. --config.total_steps=1000), STEPS1 / STEPS2 to
-# stage 1's / stage 2's alone (they win over the extra flags' total_steps).
+# Extra flags go to every training run (e.g. --config.total_steps=1000, which HFD's stage 2
+# overrides with its own stage2.total_steps), STEPS1 / STEPS2 to stage 1's / stage 2's alone
+# (they win over the extra flags' total_steps; HFD's STEPS2 sets its stage2.total_steps).
 # To compare against fixed-rate models trained for the same steps, see
 # benchmarks/variable_rate.py (launch/sweep_lambda.sh and launch/rdeic_rates.sh train those).
 set -euo pipefail
