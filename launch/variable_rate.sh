@@ -22,10 +22,10 @@ if [[ -n "${BACKBONE:-}" && "$variant" != tiny ]]; then
 fi
 eval_data="${EVAL_DATA:-../shared/data/kodak}"
 qualities=(${QUALITIES:-0 20 40 60 80 100})
+targets=(${TARGETS:-0.1 0.2 0.3 0.4})
 steps1=(${STEPS1:+--config.total_steps=$STEPS1})
 steps2=(${STEPS2:+--config.total_steps=$STEPS2})
 hfd_steps2=(${STEPS2:+--config.stage2.total_steps=$STEPS2})  # HFD: both stages in one run
-targets=(${TARGETS:-0.1 0.2 0.3 0.4})
 data=()
 if [[ -n "${DATA:-}" ]]; then
   data+=(--config.data.source=folder --config.data.path="$DATA")
